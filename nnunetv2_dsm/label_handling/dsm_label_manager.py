@@ -1,0 +1,38 @@
+"""Label manager that always treats classes as sigmoid regions.
+
+DSM predicts one independent mask per query (MaskFormer-style mask classification), and organs
+contain their tumours, so every class is a region even in organ-only datasets where nnU-Net would
+otherwise choose softmax over disjoint labels.
+"""
+
+import torch
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+
+class DSMLabelManager(LabelManager):
+    def __init__(self, label_dict: dict, regions_class_order: list[int] | None, force_use_labels: bool = False,
+                 inference_nonlin=None):
+        foreground = {k: v for k, v in label_dict.items() if k not in ("background", "ignore")}
+        if regions_class_order is None:
+            # Without nesting each class writes its own id; with nesting dataset.json must say the order.
+            if any(isinstance(v, (list, tuple)) and len(v) > 1 for v in foreground.values()):
+                raise RuntimeError(
+                    "dataset.json defines nested regions but no 'regions_class_order'; add it (label ids in the "
+                    "order they are written at export, organs before the tumours they contain)."
+                )
+            regions_class_order = [int(v[0] if isinstance(v, (list, tuple)) else v) for v in foreground.values()]
+        super().__init__(label_dict, regions_class_order, force_use_labels, inference_nonlin)
+        if not force_use_labels and not self._has_regions:
+            self._has_regions = True
+            self._regions = self._get_regions()
+            if inference_nonlin is None:
+                self.inference_nonlin = torch.sigmoid
+        if self._regions is not None:
+            # batchgeneratorsv2's region conversion expects python ints or tuples of them.
+            self._regions = [tuple(int(i) for i in r) if isinstance(r, (list, tuple)) else (int(r),)
+                             for r in self._regions]
+
+    @property
+    def foreground_names(self) -> list[str]:
+        """Class names in output-channel order."""
+        return [k for k, v in self.label_dict.items() if k not in ("background", "ignore")]

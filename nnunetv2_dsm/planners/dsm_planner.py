@@ -1,0 +1,76 @@
+"""DSM experiment planners.
+
+They keep nnU-Net's fingerprinting, target spacing and patch-size logic (ResEnc M planner: the
+ResEnc backbone that DSM builds on) and only swap the network written into the plans for the DSM
+network with its decoder arguments, and the label manager for the sigmoid-region one.
+"""
+
+from typing import Any
+
+from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
+    nnUNetPlannerResEncM,
+)
+
+from nnunetv2_dsm.dataset_checks import check_dsm_dataset_json
+
+DSM_NETWORK = "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
+
+# Decoder settings written into the plans (paper section 5: 4 kMMM layers, one query per class).
+DSM_DECODER_DEFAULTS: dict[str, Any] = {
+    "num_kmmm_layers": 4,
+    "query_dim": 128,
+    "ffn_dim": 256,
+    "num_heads": 8,
+    "ssm_d_state": 16,
+    "ssm_expand": 2,
+    "ssm_bidirectional": True,
+    "use_kmeans": True,
+    "use_ssm": True,
+}
+
+
+class DSMPlanner(nnUNetPlannerResEncM):
+    decoder_kwargs: dict[str, Any] = DSM_DECODER_DEFAULTS
+
+    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "DSMPlans",
+                 overwrite_target_spacing=None, suppress_transpose: bool = False):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+        check_dsm_dataset_json(self.dataset_json, f"{self.raw_dataset_folder}/dataset.json")
+
+    def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
+                                    _cache) -> dict:
+        plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
+                                                   approximate_n_voxels_dataset, _cache)
+        architecture = plan["architecture"]
+        architecture["network_class_name"] = DSM_NETWORK
+        architecture["arch_kwargs"].update(self.decoder_kwargs)
+        return plan
+
+    def plan_experiment(self) -> dict:
+        plans = super().plan_experiment()
+        plans["label_manager"] = "DSMLabelManager"
+        self.plans = plans
+        self.save_plans(plans)
+        return plans
+
+
+class DSMPlannerCPU(DSMPlanner):
+    """A narrow DSM network with small patches, for CPU runs, demos and tests (plans ``DSMPlansCPU``)."""
+
+    decoder_kwargs = {**DSM_DECODER_DEFAULTS, "query_dim": 32, "ffn_dim": 64, "num_heads": 4,
+                      "ssm_bidirectional": False}
+
+    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "DSMPlansCPU",
+                 overwrite_target_spacing=None, suppress_transpose: bool = False):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+        self.UNet_base_num_features = 8
+        self.UNet_max_features_3d = 64
+        self.UNet_max_features_2d = 64
+        self.UNet_blocks_per_stage_encoder = (1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2)
+        # Reference values scaled so the VRAM heuristic settles on patches of about 64^3 / 128^2.
+        self.UNet_reference_val_3d = 4_000_000
+        self.UNet_reference_val_2d = 1_500_000
