@@ -1,0 +1,140 @@
+"""Recipe: an nnU-Net raw dataset from the real example CT of the TotalSegmentator sdist.
+
+Cases (all real CT; labels are TotalSegmentator model output, not manual annotation):
+- ``example_ct.nii.gz`` (122x101x112 @ 3 mm) with ``example_seg_fast_force_split.nii.gz``, cut into
+  three slabs along z so the dataset has enough cases for nnU-Net's 5-fold cross-validation;
+- ``example_ct_sm.nii.gz`` (30 slices of the same scan) with ``example_seg.nii.gz`` (a different
+  model's labels);
+- the DICOM series ``example_ct_dicom/`` (512x512x20) with ``example_seg_dicom.nii.gz``.
+TotalSegmentator ids are mapped to DSM's canonical names (``totalseg_names``).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from nnunetv2_dsm.data.fetch import example_ct_dir
+from nnunetv2_dsm.data.totalseg_names import TOTALSEG_TO_CANONICAL, TOTALSEG_TOTAL_IDS
+from nnunetv2_dsm.vocabulary import CANONICAL
+
+NUM_SLABS = 3
+
+
+def read_ct(path: Path) -> sitk.Image:
+    """Read a NIfTI file or a DICOM series folder, with an error naming the file on failure."""
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            files = reader.GetGDCMSeriesFileNames(str(path))
+            if not files:
+                raise RuntimeError("no DICOM series found in the folder")
+            reader.SetFileNames(files)
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise RuntimeError(f"Cannot read {path}: {str(e).strip().splitlines()[-1]}. "
+                           "Check that the file is complete (re-download or re-export it).") from e
+
+
+def label_on_image_grid(label: sitk.Image, image: sitk.Image, label_path: Path) -> sitk.Image:
+    """Bring ``label`` onto ``image``'s voxel grid.
+
+    Exporters often write the same grid with flipped axes (DICOM vs NIfTI orientation); nearest-
+    neighbour resampling onto the image grid is exact then. Grids that do not overlap are an error.
+    """
+    if (label.GetSize() == image.GetSize() and np.allclose(label.GetSpacing(), image.GetSpacing())
+            and np.allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-3)
+            and np.allclose(label.GetDirection(), image.GetDirection(), atol=1e-5)):
+        label.CopyInformation(image)
+        return label
+    resampled = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    if sitk.GetArrayViewFromImage(resampled).any() or not sitk.GetArrayViewFromImage(label).any():
+        return resampled
+    raise ValueError(f"{label_path} does not overlap its image in physical space; image and label geometry differ.")
+
+
+def _to_canonical(seg: np.ndarray, class_ids: dict[str, int]) -> np.ndarray:
+    out = np.zeros(seg.shape, dtype=np.uint8)
+    for ts_id, ts_name in TOTALSEG_TOTAL_IDS.items():
+        name = TOTALSEG_TO_CANONICAL[ts_name]
+        if name in class_ids:
+            out[seg == ts_id] = class_ids[name]
+    return out
+
+
+def _cases(src: Path) -> list[tuple[str, sitk.Image, sitk.Image]]:
+    cases = []
+    ct = read_ct(src / "example_ct.nii.gz")
+    seg = label_on_image_grid(sitk.ReadImage(str(src / "example_seg_fast_force_split.nii.gz")), ct,
+                              src / "example_seg_fast_force_split.nii.gz")
+    depth = ct.GetSize()[2]
+    bounds = np.linspace(0, depth, NUM_SLABS + 1).round().astype(int)
+    for i, (z0, z1) in enumerate(zip(bounds[:-1], bounds[1:])):
+        cases.append((f"tsexample_ct_slab{i}", ct[:, :, int(z0):int(z1)], seg[:, :, int(z0):int(z1)]))
+    ct_sm = read_ct(src / "example_ct_sm.nii.gz")
+    cases.append(("tsexample_ct_sm", ct_sm, label_on_image_grid(sitk.ReadImage(str(src / "example_seg.nii.gz")),
+                                                                 ct_sm, src / "example_seg.nii.gz")))
+    dicom = read_ct(src / "example_ct_dicom")
+    cases.append(("tsexample_dicom", dicom,
+                  label_on_image_grid(sitk.ReadImage(str(src / "example_seg_dicom.nii.gz")), dicom,
+                                      src / "example_seg_dicom.nii.gz")))
+    return cases
+
+
+def _present_classes(cases: list[tuple[str, sitk.Image, sitk.Image]]) -> set[str]:
+    ids = set().union(*(np.unique(sitk.GetArrayViewFromImage(label)).tolist() for _, _, label in cases))
+    return {TOTALSEG_TO_CANONICAL[TOTALSEG_TOTAL_IDS[i]] for i in ids if i in TOTALSEG_TOTAL_IDS}
+
+
+def build_example_dataset(out_dir: str | os.PathLike, classes: list[str] | None = None,
+                          src: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write ``out_dir`` (e.g. ``$nnUNet_raw/Dataset990_TSExample``) in nnU-Net raw format.
+
+    The dataset is assembled in a staging folder and moved into place only when complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; remove it or pass overwrite=True (--overwrite).")
+    cases = _cases(Path(src) if src is not None else example_ct_dir())
+    present = _present_classes(cases)
+    classes = classes or sorted(present)
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise ValueError(f"Classes {missing} do not occur in the example segmentations; choose from {sorted(present)}.")
+    class_ids = {name: i + 1 for i, name in enumerate(c for c in CANONICAL if c in classes)}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (staging / "imagesTr").mkdir()
+        (staging / "labelsTr").mkdir()
+        for case_id, image, label in tqdm(cases, desc="Writing example cases", unit="case"):
+            image = sitk.Cast(image, sitk.sitkInt16)
+            canonical = sitk.GetImageFromArray(_to_canonical(sitk.GetArrayFromImage(label), class_ids))
+            canonical.CopyInformation(image)
+            sitk.WriteImage(image, str(staging / "imagesTr" / f"{case_id}_0000.nii.gz"), useCompression=True)
+            sitk.WriteImage(canonical, str(staging / "labelsTr" / f"{case_id}.nii.gz"), useCompression=True)
+        dataset_json = {
+            "channel_names": {"0": "CT"},
+            "labels": {"background": 0, **class_ids},
+            "numTraining": len(cases),
+            "file_ending": ".nii.gz",
+            "name": out_dir.name,
+            "description": "Real CT from the TotalSegmentator 2.18.0 source distribution (tests/reference_files); "
+                           "labels are TotalSegmentator model output mapped to DSM canonical names.",
+            "dsm": {"sources": {"tsexample": "totalsegmentator==2.18.0 tests/reference_files"}},
+        }
+        (staging / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

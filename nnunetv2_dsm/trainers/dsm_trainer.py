@@ -1,0 +1,153 @@
+"""DSMTrainer: nnU-Net's training loop with the DSM network and the partial-label loss.
+
+Everything nnU-Net does (data loading, augmentation, checkpointing, final validation, inference
+through ``nnUNetv2_predict``) is inherited; only the hooks that depend on the network's output
+format and on partial labels are overridden.
+"""
+
+import os
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch._dynamo import OptimizedModule
+
+from nnunetv2_dsm.losses import (
+    ClassPresenceBCE,
+    PartialLabelDeepSupervision,
+    PartialLabelDiceBCELoss,
+    availability_from_keys,
+)
+from nnunetv2_dsm.networks.dsm_network import DSMNetwork
+from nnunetv2_dsm.planners.dsm_planner import DSM_NETWORK
+
+
+class DSMPlansError(RuntimeError):
+    pass
+
+
+class DSMTrainer(nnUNetTrainer):
+    class_loss_weight: float = 1.0
+    # Overrides of the DSM decoder settings in the plans (ablation trainers set these).
+    arch_overrides: dict = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        check_dsm_plans(plans, configuration, type(self).__name__)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.class_names = self.label_manager.foreground_names
+        self.class_loss = ClassPresenceBCE()
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        return get_network_from_plans(
+            configuration_manager.network_arch_class_name,
+            {**configuration_manager.network_arch_init_kwargs, **cls.arch_overrides},
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels,
+            num_output_channels,
+            allow_init=True,
+            deep_supervision=enable_deep_supervision,
+        )
+
+    def _unwrapped_network(self) -> DSMNetwork:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        self._unwrapped_network().deep_supervision = enabled
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        arch = self.configuration_manager.network_arch_init_kwargs
+        cumulative = 1 / np.cumprod(np.vstack(self.configuration_manager.pool_op_kernel_sizes), axis=0)
+        stages = DSMNetwork.deep_supervision_stages(arch["n_stages"], arch["num_kmmm_layers"])
+        return [list(cumulative[s]) for s in stages]
+
+    def _build_loss(self):
+        loss = PartialLabelDiceBCELoss(batch_dice=self.configuration_manager.batch_dice)
+        if not self.enable_deep_supervision:
+            return loss
+        # Unlike nnU-Net we keep a weight on the coarsest output: it is the first kMMM layer's
+        # post-SSM mask, and that SSM learns only through this supervision.
+        weights = np.array([1 / (2 ** i) for i in range(len(self._get_deep_supervision_scales()))])
+        return PartialLabelDeepSupervision(loss, list(weights / weights.sum()))
+
+    def _availability(self, keys) -> torch.Tensor:
+        return availability_from_keys(list(keys), self.dataset_json, self.class_names, device=self.device)
+
+    def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list, torch.Tensor | list, torch.Tensor]:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        available = self._availability(batch["keys"])
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output, extras = self.network(data, return_extras=True)
+            full_res_target = target[0] if isinstance(target, list) else target
+            loss = self.loss(output, target, available) + self.class_loss_weight * self.class_loss(
+                extras["class_logits"], full_res_target, available)
+        return loss, output, target, available
+
+    def train_step(self, batch: dict) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _, _, _ = self._forward_loss(batch)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        with torch.no_grad():
+            loss, output, target, available = self._forward_loss(batch)
+        if isinstance(output, list):
+            output, target = output[0], target[0]
+        prediction = (torch.sigmoid(output) > 0.5).long()
+        spatial_axes = list(range(2, output.ndim))
+        tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, target, axes=spatial_axes)
+        # Pseudo-Dice counts only annotated (case, class) pairs, like the loss.
+        weight = available.to(tp.dtype)
+        return {"loss": loss.detach().cpu().numpy(),
+                "tp_hard": (tp * weight).sum(0).detach().cpu().numpy(),
+                "fp_hard": (fp * weight).sum(0).detach().cpu().numpy(),
+                "fn_hard": (fn * weight).sum(0).detach().cpu().numpy()}
+
+    def save_checkpoint(self, filename: str) -> None:
+        """Write to a temporary file and rename, so an interrupted save never leaves a truncated checkpoint."""
+        tmp = f"{filename}.tmp-{os.getpid()}"
+        try:
+            super().save_checkpoint(tmp)
+            if os.path.exists(tmp):
+                os.replace(tmp, filename)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def check_dsm_plans(plans: dict, configuration: str, trainer_name: str) -> None:
+    """DSM trainers need plans written by a DSM planner; say how to make them otherwise."""
+    config = plans.get("configurations", {}).get(configuration, {})
+    network = config.get("architecture", {}).get("network_class_name")
+    parent = config.get("inherits_from")
+    if network is None and parent is not None:
+        network = plans["configurations"][parent].get("architecture", {}).get("network_class_name")
+    if network != DSM_NETWORK or plans.get("label_manager") != "DSMLabelManager":
+        raise DSMPlansError(
+            f"{trainer_name} needs plans made by a DSM planner, but plans '{plans.get('plans_name')}' "
+            f"(planner {plans.get('experiment_planner_used')}) use network {network} and label manager "
+            f"{plans.get('label_manager')}. Run `nnUNetv2_plan_and_preprocess -d <ID> -pl DSMPlanner` (or "
+            "DSMPlannerCPU) and train with `-p DSMPlans` (or DSMPlansCPU)."
+        )
