@@ -15,8 +15,12 @@ import importlib.machinery
 import sys
 
 _TARGET = "nnunetv2.utilities.find_class_by_name"
-# Subpackages searched, in order, when nnU-Net's own folders do not hold the class.
-_SEARCH = ("nnunetv2_dsm.trainers", "nnunetv2_dsm.planners", "nnunetv2_dsm.label_handling")
+# Where to look for a DSM class that nnU-Net's own package (the key) does not hold.
+_COUNTERPARTS = {
+    "nnunetv2.training.nnUNetTrainer": "nnunetv2_dsm.trainers",
+    "nnunetv2.experiment_planning": "nnunetv2_dsm.planners",
+    "nnunetv2.utilities.label_handling": "nnunetv2_dsm.label_handling",
+}
 
 
 def _wrap(original):
@@ -27,7 +31,8 @@ def _wrap(original):
         import importlib
         import os
 
-        for package_name in _SEARCH:
+        counterpart = _COUNTERPARTS.get(current_module)
+        for package_name in [counterpart] if counterpart else _COUNTERPARTS.values():
             package = importlib.import_module(package_name)
             found = original(os.path.dirname(package.__file__), class_name, package_name)
             if found is not None:

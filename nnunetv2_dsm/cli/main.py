@@ -1,0 +1,28 @@
+"""``nnunetv2_dsm`` command: what stock nnU-Net commands cannot express."""
+
+import argparse
+import importlib
+import sys
+
+# Subcommand modules; each exposes register(subparsers).
+SUBCOMMANDS = ("demo", "example_dataset", "evaluate", "embed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnunetv2_dsm",
+        description="DSM for nnU-Net v2. Training and inference use the stock nnU-Net commands with "
+        "-pl DSMPlanner / -tr DSMTrainer -p DSMPlans; this command adds the rest.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"nnunetv2_dsm.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

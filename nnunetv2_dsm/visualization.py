@@ -1,0 +1,52 @@
+"""Overlay pictures of predictions on CT slices."""
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+CT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window (HU)
+
+
+def _axial(image: sitk.Image) -> np.ndarray:
+    """(z, y, x) array in a canonical orientation so slices look the same whatever the file's axes."""
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+
+
+def overlay_png(ct_path: str | os.PathLike, prediction_path: str | os.PathLike, out_png: str | os.PathLike,
+                class_names: dict[int, str], reference_path: str | os.PathLike | None = None) -> Path:
+    """Axial slice with the most foreground: CT, reference (left) and prediction (right) overlays."""
+    ct = _axial(sitk.ReadImage(str(ct_path)))
+    pred = _axial(sitk.ReadImage(str(prediction_path)))
+    ref = _axial(sitk.ReadImage(str(reference_path))) if reference_path is not None else None
+    score = (ref if ref is not None else pred) > 0
+    z = int(np.argmax(score.reshape(score.shape[0], -1).sum(1)))
+    labels = sorted(set(class_names) & set(np.unique(pred[z]).tolist()
+                                             + (np.unique(ref[z]).tolist() if ref is not None else [])))
+    colours = plt.get_cmap("tab20", max(len(class_names), 1))
+    cmap = ListedColormap([(0, 0, 0, 0)] + [colours(i) for i in range(len(class_names))])
+    index = {label: i + 1 for i, label in enumerate(sorted(class_names))}
+
+    panels = [("reference", ref), ("prediction", pred)] if ref is not None else [("prediction", pred)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.6), squeeze=False)
+    for ax, (title, seg) in zip(axes[0], panels):
+        ax.imshow(np.clip(ct[z], *CT_WINDOW), cmap="gray", origin="upper")
+        coloured = np.vectorize(lambda v: index.get(v, 0))(seg[z])
+        ax.imshow(coloured, cmap=cmap, vmin=0, vmax=len(class_names), alpha=0.45, interpolation="nearest")
+        ax.set_title(f"{Path(str(prediction_path)).name.split('.')[0]}: {title} (slice {z})")
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(index[label])) for label in labels]
+    fig.legend(handles, [class_names[label] for label in labels], loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    out_png = Path(out_png)
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png

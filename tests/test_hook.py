@@ -1,0 +1,96 @@
+"""The start-up hook makes nnU-Net's own lookup functions find DSM classes, for both install modes.
+
+Each install mode is reproduced exactly as pip does it: the package is built into a wheel with the
+PEP 517 / PEP 660 backend hooks and unpacked into a fresh site directory, which a clean interpreter
+(``-S``: no other .pth files processed) adds with ``site.addsitedir`` like site-packages.
+"""
+
+import json
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+LOOKUPS = textwrap.dedent("""
+    import json, os, sys, site
+    site.addsitedir(sys.argv[1])
+    sys.path.append(sys.argv[2])
+    torch_at_startup = "torch" in sys.modules
+    from os.path import join
+    import nnunetv2
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    from nnunetv2.utilities.label_handling.label_handling import get_labelmanager_class_from_plans
+
+    def lookups():
+        trainer = recursive_find_trainer_class_by_name("DSMTrainer_2epochs")
+        planner = recursive_find_python_class(join(nnunetv2.__path__[0], "experiment_planning"), "DSMPlanner",
+                                              current_module="nnunetv2.experiment_planning")
+        label_manager = get_labelmanager_class_from_plans({"label_manager": "DSMLabelManager"})
+        stock = recursive_find_trainer_class_by_name("nnUNetTrainer")
+        return [c.__module__ + "." + c.__name__ for c in (trainer, planner, label_manager, stock)], \\
+            sys.modules[trainer.__module__].__file__
+
+    if __name__ == "__main__":
+        import multiprocessing as mp
+        names, trainer_file = lookups()
+        with mp.get_context("spawn").Pool(1) as pool:
+            worker_names = pool.apply(lookups)[0]
+        print(json.dumps({"torch_at_startup": torch_at_startup, "names": names, "worker_names": worker_names,
+                          "trainer_file": trainer_file, "env": os.environ.get("nnUNet_extTrainer")}))
+""")
+
+
+def _build_and_unpack(mode: str, tmp_path: Path) -> Path:
+    wheel_dir = tmp_path / "wheel"
+    wheel_dir.mkdir()
+    hook = "build_editable" if mode == "editable" else "build_wheel"
+    subprocess.run([sys.executable, "-c",
+                    f"import setuptools.build_meta as b, sys; print(b.{hook}(sys.argv[1]))", str(wheel_dir)],
+                   cwd=REPO, check=True, capture_output=True, text=True)
+    wheel = next(wheel_dir.glob("*.whl"))
+    site_dir = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        assert "nnunetv2_dsm_hook.pth" in zf.namelist(), f"{wheel.name} lacks the start-up hook"
+        zf.extractall(site_dir)
+    return site_dir
+
+
+@pytest.mark.parametrize("mode", ["regular", "editable"])
+def test_stock_lookups_find_dsm_classes(mode: str, tmp_path: Path) -> None:
+    site_dir = _build_and_unpack(mode, tmp_path)
+    script = tmp_path / "lookups.py"
+    script.write_text(LOOKUPS)
+    env_site = sysconfig.get_paths()["purelib"]
+    out = subprocess.run([sys.executable, "-S", str(script), str(site_dir), env_site], cwd=tmp_path,
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = [
+        "nnunetv2_dsm.trainers.variants.DSMTrainer_2epochs",
+        "nnunetv2_dsm.planners.dsm_planner.DSMPlanner",
+        "nnunetv2_dsm.label_handling.dsm_label_manager.DSMLabelManager",
+        "nnunetv2.training.nnUNetTrainer.nnUNetTrainer.nnUNetTrainer",
+    ]
+    assert result["names"] == expected
+    assert result["worker_names"] == expected, "spawned worker processes must find the DSM classes too"
+    assert result["env"] is None, "no environment variable is needed"
+    assert not result["torch_at_startup"], "the start-up hook must not import torch"
+    trainer_file = Path(result["trainer_file"]).resolve()
+    if mode == "regular":
+        assert trainer_file.is_relative_to(site_dir.resolve())
+    else:
+        assert trainer_file.is_relative_to(REPO)
+
+
+def test_unknown_class_still_reported_by_nnunet() -> None:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer DSMTrainer_doesnotexist"):
+        recursive_find_trainer_class_by_name("DSMTrainer_doesnotexist")
