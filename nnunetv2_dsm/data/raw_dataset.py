@@ -1,0 +1,226 @@
+"""Writing nnU-Net v2 raw datasets in the DSM conventions.
+
+Layout: ``imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz`` (and ``imagesTs``/``labelsTs``),
+``dataset.json`` with canonical class names. Organs contain their tumours, so when a tumour class
+is present its parent organs are nnU-Net regions: ``"liver": [liver_id, liver_tumor_id]``.
+
+A tumour with several possible parent organs (``kidney_tumor`` in ``kidney_right`` or
+``kidney_left``) keeps ONE label id, and the region of every parent organ present includes it.
+Label maps cannot say which kidney a tumour voxel lies in once both share an id, so a tumour voxel
+counts towards each parent region present in the dataset; which organ the tumour really belongs to
+is only known in the source (e.g. a recipe that split kidneys by side). Single-parent tumours
+(liver, pancreas, spleen, ...) are exact.
+
+Per-case class availability (partial labels) is ``dataset.json["dsm"]["class_availability"]``;
+source prefixes of case ids are ``dataset.json["dsm"]["sources"]``.
+
+Nothing is half-written: datasets are assembled in a staging folder next to the target and moved
+into place with ``os.replace``; ``dataset.json`` is written to a temporary file and renamed.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunetv2_dsm.vocabulary import ORGANS, TUMOUR_PARENTS, TUMOURS, check_canonical
+
+FILE_ENDING = ".nii.gz"
+
+
+def ordered_classes(names: Iterable[str], source: str = "class list") -> list[str]:
+    """Canonical names, organs first in vocabulary order, then tumours in vocabulary order."""
+    unique = set(names)
+    check_canonical(sorted(unique), source)
+    return [n for n in ORGANS if n in unique] + [n for n in TUMOURS if n in unique]
+
+
+def assign_ids(names: Iterable[str], source: str = "class list") -> dict[str, int]:
+    """Consecutive label ids 1..n in :func:`ordered_classes` order."""
+    return {n: i + 1 for i, n in enumerate(ordered_classes(names, source))}
+
+
+def labels_and_regions(class_ids: Mapping[str, int]) -> tuple[dict, list[int] | None]:
+    """nnU-Net ``labels`` dict (region syntax where an organ contains a present tumour) and
+    ``regions_class_order`` (None without regions)."""
+    labels: dict = {"background": 0}
+    for name, idx in sorted(class_ids.items(), key=lambda kv: kv[1]):
+        contained = sorted(
+            class_ids[t] for t, parents in TUMOUR_PARENTS.items() if name in parents and t in class_ids
+        )
+        labels[name] = [idx, *contained] if contained else idx
+    if not any(isinstance(v, list) for v in labels.values()):
+        return labels, None
+    return labels, [class_ids[n] for n in labels if n != "background"]
+
+
+def dsm_dataset_json(
+    class_ids: Mapping[str, int],
+    num_training: int,
+    class_availability: Mapping[str, Sequence[str]],
+    sources: Mapping[str, str],
+    name: str,
+    description: str = "",
+    extra_dsm: Mapping | None = None,
+) -> dict:
+    """A complete ``dataset.json`` in the DSM conventions for a single-channel CT dataset."""
+    labels, order = labels_and_regions(class_ids)
+    out: dict = {
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": int(num_training),
+        "file_ending": FILE_ENDING,
+        "name": name,
+        "description": description,
+    }
+    if order is not None:
+        out["regions_class_order"] = order
+    out["dsm"] = {
+        "class_availability": {k: list(v) for k, v in class_availability.items()},
+        "sources": dict(sources),
+        **(dict(extra_dsm) if extra_dsm else {}),
+    }
+    return out
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextmanager
+def staged_dataset(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final``; on success it replaces ``final``.
+
+    On any error the staging folder is removed and ``final`` is left untouched.
+    """
+    final = Path(final).absolute()
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; choose another output folder or pass overwrite.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-"))
+    try:
+        for sub in ("imagesTr", "labelsTr"):
+            (staging / sub).mkdir()
+        yield staging
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            os.replace(final, trash / final.name)
+            os.replace(staging, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def nnunet_raw_folder(dataset_id: int, name: str) -> Path:
+    """``$nnUNet_raw/DatasetXXX_Name``."""
+    root = os.environ.get("nnUNet_raw")
+    if not root:
+        raise RuntimeError(
+            "nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw or give an explicit output folder."
+        )
+    if not 1 <= dataset_id <= 999:
+        raise ValueError(f"nnU-Net dataset ids are 1..999, got {dataset_id}")
+    return Path(root) / f"Dataset{dataset_id:03d}_{name}"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a NIfTI file in SimpleITK (LPS, x-y-z) convention."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of_image(cls, image: sitk.Image) -> "Geometry":
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    @classmethod
+    def of_file(cls, path: Path) -> "Geometry":
+        """Header only; the voxels are not read."""
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise RuntimeError(f"Cannot read image header of {path}: {e}") from e
+        return cls(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+
+    @property
+    def array_spacing(self) -> tuple[float, ...]:
+        """Spacing in numpy array axis order (z, y, x)."""
+        return tuple(reversed(self.spacing))
+
+    @property
+    def array_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.size))
+
+    def physical_points(self, array_index: np.ndarray) -> np.ndarray:
+        """(N, 3) continuous array indices (z, y, x) -> (N, 3) LPS physical points (x, y, z) in mm."""
+        ijk = np.asarray(array_index, dtype=float)[:, ::-1]
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        return np.asarray(self.origin) + (ijk * np.asarray(self.spacing)) @ d.T
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def read_array(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Voxel array in (z, y, x) order and its geometry."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise RuntimeError(f"Cannot read image {path}: {e}") from e
+    return sitk.GetArrayFromImage(image), Geometry.of_image(image)
+
+
+def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
+    """Write a (z, y, x) array with ``geometry`` (compressed NIfTI when the name ends in .nii.gz)."""
+    if tuple(array.shape) != geometry.array_shape:
+        raise ValueError(f"{path}: array shape {array.shape} does not match the image grid {geometry.array_shape}")
+    sitk.WriteImage(geometry.apply(sitk.GetImageFromArray(array)), str(path), useCompression=True)
+
+
+def label_dtype(max_id: int) -> type:
+    return np.uint8 if max_id < 256 else np.uint16
+
+
+def case_paths(root: Path, case_id: str, split: str = "Tr") -> tuple[Path, Path]:
+    """(image, label) destination paths of a single-channel case in split ``Tr`` or ``Ts``."""
+    return root / f"images{split}" / f"{case_id}_0000{FILE_ENDING}", root / f"labels{split}" / f"{case_id}{FILE_ENDING}"
+
+
+def copy_image(src: Path, dst: Path) -> None:
+    """Copy a compressed NIfTI byte for byte; re-encode anything else (e.g. ``.nii``) with SimpleITK."""
+    if str(src).endswith(FILE_ENDING):
+        shutil.copyfile(src, dst)
+    else:
+        try:
+            sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), useCompression=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"Cannot convert image {src} to {dst}: {e}") from e
