@@ -1,5 +1,6 @@
 """Each public-dataset recipe on a tiny fabricated copy of the dataset's documented layout."""
 
+import argparse
 import json
 import multiprocessing
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
 
+from nnunetv2_dsm.cli import recipe as recipe_cli
 from nnunetv2_dsm.data.public_recipes import RECIPES, RecipeError, convert, left_side
 from nnunetv2_dsm.data.raw_dataset import Geometry
 from nnunetv2_dsm.data.totalseg_names import TOTALSEG_TO_CANONICAL
@@ -308,3 +310,14 @@ def test_existing_output_needs_overwrite(tmp_path: Path):
         convert("btcv", src, out)
     assert convert("btcv", src, out, overwrite=True, limit=1) == out
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 1
+
+
+def test_cli(tmp_path: Path):
+    src, _ = _kits("kits23/dataset", "segmentation.nii.gz", [1, 2, 3])(tmp_path / "src")
+    parser = argparse.ArgumentParser()
+    recipe_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["recipe", "kits23", "--src", str(src), "--out", str(tmp_path / "Dataset220_KiTS23")])
+    assert args.func(args) == 0
+    dj = json.loads((tmp_path / "Dataset220_KiTS23" / "dataset.json").read_text())
+    assert list(dj["dsm"]["class_availability"]) == ["kits23_00000"]
+    assert dj["labels"]["kidney_right"] == [1, 3, 4] and dj["labels"]["kidney_left"] == [2, 3, 4]
