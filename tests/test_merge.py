@@ -154,7 +154,7 @@ def test_prefix_and_case_collisions(sources: list[MergeSource], tmp_path: Path):
 
 def test_undeclared_voxel_value_fails_without_partial_output(sources: list[MergeSource], tmp_path: Path):
     write_nii(sources[2].path / "labelsTr" / "msd09_spleen_001.nii.gz", blocks([1, 9]))
-    with pytest.raises(MergeError, match=r"msd09_spleen_001\.nii\.gz: voxel values \[9\]"):
+    with pytest.raises(ValueError, match=r"msd09_spleen_001\.nii\.gz: voxel values \[9\]"):
         merge_datasets(sources, tmp_path / "out")
     assert _no_output(tmp_path, "out")
 

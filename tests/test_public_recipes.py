@@ -286,7 +286,7 @@ def test_undeclared_label_value_is_a_clear_error_and_nothing_is_written(tmp_path
     bad = np.zeros(SHAPE, dtype=np.uint8)
     bad[3, 3, 3] = 7
     write_nii(src / "Training Batch 2" / "segmentation-28.nii", bad)
-    with pytest.raises(RecipeError, match=r"segmentation-28\.nii.*\[7\]"):
+    with pytest.raises(ValueError, match=r"segmentation-28\.nii .*voxel values \[7\]"):
         convert("lits", src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -30,8 +30,8 @@ from nnunetv2_dsm.data.raw_dataset import (
     assign_ids,
     copy_image,
     dsm_dataset_json,
-    label_dtype,
     read_array,
+    remap_labels,
     staged_dataset,
     write_array,
     write_json_atomic,
@@ -249,15 +249,6 @@ def _lut(value_to_name: Mapping[int, str | None], ignore: tuple[int, int] | None
     if ignore:
         lut[ignore[0]] = ignore[1]
     return lut
-
-
-def remap_labels(array: np.ndarray, lut: np.ndarray, where: str) -> np.ndarray:
-    """Apply ``lut`` to a label map; undeclared values are an error naming ``where``."""
-    values = np.unique(array)
-    bad = [int(v) for v in values if v < 0 or v >= len(lut) or lut[int(v)] < 0]
-    if bad:
-        raise MergeError(f"{where}: voxel values {bad} are not declared in the dataset's labels")
-    return lut[array.astype(np.int64)].astype(label_dtype(int(lut.max())))
 
 
 def merge_datasets(

@@ -38,6 +38,7 @@ from nnunetv2_dsm.data.raw_dataset import (
     dsm_dataset_json,
     label_dtype,
     read_array,
+    remap_labels,
     staged_dataset,
     write_array,
     write_json_atomic,
@@ -336,14 +337,7 @@ def _convert_label(recipe: Recipe, case: SourceCase, geometry: Geometry, ids: Ma
     lut[0] = 0
     for v, name in recipe.label_ids.items():
         lut[v] = 0 if name is None else ids[recipe.split[name][0] if name in recipe.split else name]
-    values = np.unique(src)
-    bad = [int(v) for v in values if v < 0 or v >= len(lut) or lut[int(v)] < 0]
-    if bad:
-        raise RecipeError(
-            f"{case.label}: label values {bad} are not among the documented ids {sorted(recipe.label_ids)} "
-            f"of {recipe.description}"
-        )
-    out = lut[src.astype(np.int64)].astype(label_dtype(max(ids.values())))
+    out = remap_labels(src, lut, f"{case.label} ({recipe.description})").astype(label_dtype(max(ids.values())))
     for name, (right, left) in recipe.split.items():
         organ_values = [v for v, n in recipe.label_ids.items() if n == name]
         member_values = [

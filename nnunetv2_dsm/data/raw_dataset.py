@@ -210,6 +210,16 @@ def label_dtype(max_id: int) -> type:
     return np.uint8 if max_id < 256 else np.uint16
 
 
+def remap_labels(array: np.ndarray, lut: np.ndarray, where: str) -> np.ndarray:
+    """Apply the lookup table ``lut`` (source value -> output id, -1: undeclared) to a label map;
+    undeclared values are an error naming ``where``."""
+    bad = [int(v) for v in np.unique(array) if v < 0 or v >= len(lut) or lut[int(v)] < 0]
+    if bad:
+        declared = [i for i in range(len(lut)) if lut[i] >= 0]
+        raise ValueError(f"{where}: voxel values {bad} are not declared labels (declared: {declared})")
+    return lut[array.astype(np.int64)].astype(label_dtype(int(lut.max())))
+
+
 def case_paths(root: Path, case_id: str, split: str = "Tr") -> tuple[Path, Path]:
     """(image, label) destination paths of a single-channel case in split ``Tr`` or ``Ts``."""
     return root / f"images{split}" / f"{case_id}_0000{FILE_ENDING}", root / f"labels{split}" / f"{case_id}{FILE_ENDING}"
