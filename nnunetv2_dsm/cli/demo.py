@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
         bar.set_postfix_str(steps[1])
         if not (preprocessed / DATASET_NAME / f"{PLANS}.json").is_file():
+            # nnU-Net's planner passes nnUNet_n_proc_DA to torch.set_num_threads, which rejects 0.
             _run([str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-pl", "DSMPlannerCPU",
-                  "-c", CONFIGURATION, "-np", "2"], env, log, bar)
+                  "-c", CONFIGURATION, "-np", "2"], {**env, "nnUNet_n_proc_DA": "2"}, log, bar)
         bar.update()
 
         bar.set_postfix_str(steps[2])

@@ -1,0 +1,142 @@
+"""End to end on real CT with the stock nnU-Net commands, in subprocesses, on CPU.
+
+The example dataset is built by our recipe, then planned and preprocessed with DSMPlannerCPU,
+trained briefly with a DSM trainer, predicted with ``nnUNetv2_predict`` and evaluated with both
+``nnUNetv2_evaluate_folder`` and ``nnunetv2_dsm evaluate``.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunetv2_dsm.data.totalseg_example import build_example_dataset
+
+BIN = Path(sys.executable).parent
+DATASET_ID = "990"
+DATASET = "Dataset990_TSExample"
+TRAINER = "DSMTrainer_2epochs_NoMirroring"
+PLANS = "DSMPlansCPU"
+CLASSES = ["spleen", "kidney_right", "kidney_left", "liver", "stomach", "aorta"]
+
+
+def _run(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    if "nnUNetv2_plan" in args[0]:
+        # nnU-Net's planner passes this value to torch.set_num_threads, which rejects 0.
+        env = {**env, "nnUNet_n_proc_DA": "2"}
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def nnunet_env(tmp_path_factory, example_ct_dir) -> dict:
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {**os.environ, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+           "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f"}
+    env.pop("nnUNet_extTrainer", None)
+    build_example_dataset(root / "raw" / DATASET, CLASSES, src=example_ct_dir)
+    return env
+
+
+@pytest.fixture(scope="module")
+def trained(nnunet_env) -> Path:
+    _run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c", "3d_fullres",
+          "-np", "2", "--verify_dataset_integrity"], nnunet_env)
+    _run([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+          "-device", "cpu"], nnunet_env)
+    return Path(nnunet_env["nnUNet_results"]) / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
+
+
+def _finite_unit(value: float) -> bool:
+    return math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def test_plans_use_dsm_network(nnunet_env, trained: Path) -> None:
+    plans = json.loads((Path(nnunet_env["nnUNet_preprocessed"]) / DATASET / f"{PLANS}.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    assert plans["label_manager"] == "DSMLabelManager"
+    assert config["architecture"]["network_class_name"] == "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
+    assert config["architecture"]["arch_kwargs"]["num_kmmm_layers"] == 4
+    assert config["spacing"] == [3.0, 3.0, 3.0], "nnU-Net's target spacing logic is kept"
+
+
+def test_training_outputs(trained: Path) -> None:
+    fold = trained / "fold_0"
+    for name in ("checkpoint_final.pth", "progress.png", "debug.json", "validation/summary.json"):
+        assert (fold / name).is_file(), name
+    assert not list(fold.glob("*.tmp-*")), "no temporary checkpoint left behind"
+    import torch
+
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == TRAINER
+    assert checkpoint["current_epoch"] == 2
+    assert any(".ssm." in key for key in checkpoint["network_weights"]), "the SSM is part of the trained network"
+
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    for region, metrics in summary["mean"].items():
+        for key in ("Dice", "IoU"):
+            assert math.isnan(metrics[key]) or _finite_unit(metrics[key]), (region, key, metrics[key])
+        assert metrics["n_ref"] >= 0 and metrics["n_pred"] >= 0
+    assert len(summary["mean"]) == len(CLASSES), "one sigmoid region per class"
+
+
+def test_predict_and_evaluate(nnunet_env, trained: Path, tmp_path: Path) -> None:
+    raw = Path(nnunet_env["nnUNet_raw"]) / DATASET
+    splits = json.loads((Path(nnunet_env["nnUNet_preprocessed"]) / DATASET / "splits_final.json").read_text())
+    case = splits[0]["val"][0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / f"{case}_0000.nii.gz").symlink_to(raw / "imagesTr" / f"{case}_0000.nii.gz")
+    out = tmp_path / "pred"
+    _run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
+          "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"], nnunet_env)
+    prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+    image = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+    assert prediction.GetSize() == image.GetSize()
+    assert np.allclose(prediction.GetSpacing(), image.GetSpacing())
+    assert np.allclose(prediction.GetOrigin(), image.GetOrigin())
+    assert np.allclose(prediction.GetDirection(), image.GetDirection())
+    values = set(np.unique(sitk.GetArrayViewFromImage(prediction)).tolist())
+    assert values <= set(range(len(CLASSES) + 1))
+
+    _run([str(BIN / "nnUNetv2_evaluate_folder"), str(raw / "labelsTr"), str(out), "-djfile",
+          str(raw / "dataset.json"), "-pfile", str(trained / "plans.json"), "--chill"], nnunet_env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert _finite_unit(summary["foreground_mean"]["Dice"]) or math.isnan(summary["foreground_mean"]["Dice"])
+
+    _run([str(BIN / "nnunetv2_dsm"), "evaluate", str(out), str(raw / "labelsTr"), "-d", str(raw / "dataset.json"),
+          "-i", str(inputs), "-o", str(tmp_path / "metrics"), "--chill"], nnunet_env)
+    metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    assert list(metrics["per_case"]) == [case]
+    for name, stats in metrics["per_case"][case].items():
+        dsc = stats["dice"]["value"] if isinstance(stats.get("dice"), dict) else stats.get("dice")
+        assert dsc is None or math.isnan(dsc) or _finite_unit(dsc), (name, dsc)
+
+
+def test_find_best_configuration(nnunet_env, trained: Path) -> None:
+    _run([str(BIN / "nnUNetv2_find_best_configuration"), DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER,
+          "-p", PLANS, "-f", "0", "--disable_ensembling"], nnunet_env)
+    inference = Path(nnunet_env["nnUNet_results"]) / DATASET / "inference_information.json"
+    info = json.loads(inference.read_text())
+    assert info["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == TRAINER
+
+
+def test_dsm_trainer_refuses_other_plans(nnunet_env, trained: Path) -> None:
+    folder = Path(nnunet_env["nnUNet_preprocessed"]) / DATASET
+    plans = json.loads((folder / f"{PLANS}.json").read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = (
+        "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet")
+    plans["label_manager"] = "LabelManager"
+    plans["plans_name"] = "OtherPlans"
+    (folder / "OtherPlans.json").write_text(json.dumps(plans))
+    out = subprocess.run([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", TRAINER,
+                          "-p", "OtherPlans", "-device", "cpu"], env=nnunet_env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "needs plans made by a DSM planner" in out.stderr and "-pl DSMPlanner" in out.stderr
