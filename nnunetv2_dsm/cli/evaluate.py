@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from nnunetv2_dsm.evaluation.evaluate import ROI_DESCRIPTIONS, ROI_MODES, EvaluationError, evaluate_folder
+from nnunetv2_dsm.evaluation.roi import ROI_DESCRIPTIONS, ROI_MODES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: scikit-learn and SimpleITK would slow down every other subcommand's start.
+    from nnunetv2_dsm.evaluation.evaluate import EvaluationError, evaluate_folder
+
     try:
         result = evaluate_folder(
             args.predictions,

@@ -4,8 +4,6 @@ import argparse
 import os
 import sys
 
-from nnunetv2_dsm.evaluation.leaderboard import LeaderboardError, make_leaderboard
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -27,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: matplotlib and scikit-learn would slow down every other subcommand's start.
+    from nnunetv2_dsm.evaluation.leaderboard import LeaderboardError, make_leaderboard
+
     roots = args.results or ([os.environ["nnUNet_results"]] if os.environ.get("nnUNet_results") else [])
     if not roots:
         print("error: pass a results folder or set nnUNet_results", file=sys.stderr)

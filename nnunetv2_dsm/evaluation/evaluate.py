@@ -23,29 +23,16 @@ from tqdm import tqdm
 
 from nnunetv2_dsm.evaluation import atomic_io
 from nnunetv2_dsm.evaluation.metrics import (
-    BODY_THRESHOLD_HU,
     ROI_NOT_ANNOTATED,
     Metric,
     body_mask,
     dice,
     roc_metrics,
 )
+from nnunetv2_dsm.evaluation.roi import ROI_DESCRIPTIONS, ROI_MODES
 from nnunetv2_dsm.vocabulary import ORGANS, TUMOUR_PARENTS
 
 ANOMALY = "anomaly"
-ROI_MODES = ("body", "parent", "image")
-ROI_DESCRIPTIONS = {
-    "body": (
-        f"body: CT > {BODY_THRESHOLD_HU:g} HU, largest connected component, holes filled "
-        "(nnunetv2_dsm.evaluation.metrics.body_mask on <images>/<case>_0000)"
-    ),
-    "parent": (
-        "parent organ: union of the reference masks of the parent organs of a tumour class "
-        "(nnunetv2_dsm.vocabulary.TUMOUR_PARENTS); classes without a parent organ in the dataset "
-        "use the body when an images folder is given, else the whole image"
-    ),
-    "image": "image: every voxel of the volume",
-}
 METRICS_JSON = "metrics.json"
 PER_CASE_CSV = "metrics_per_case.csv"
 SUMMARY_CSV = "metrics_summary.csv"

@@ -12,14 +12,14 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import auc, roc_auc_score, roc_curve
 
+from nnunetv2_dsm.evaluation.roi import BODY_THRESHOLD_HU
+
 NOT_ANNOTATED = "not_annotated"
 BOTH_EMPTY = "reference_and_prediction_empty"
 EMPTY_ROI = "empty_roi"
 NO_POSITIVES = "no_positive_voxels_in_roi"
 NO_NEGATIVES = "no_negative_voxels_in_roi"
 ROI_NOT_ANNOTATED = "roi_not_annotated"
-
-BODY_THRESHOLD_HU = -500.0
 
 
 @dataclass(frozen=True)
