@@ -167,8 +167,8 @@ def test_values_pool_folds_and_cases(results):
     assert set(entries) == {STOCK, DSM, DSM_2D}
     assert entries[STOCK].folds == ["0", "1"] and entries[STOCK].n_cases == 4
     assert entries[STOCK].sources == ["summary.json"]
-    assert entries[DSM].sources == ["metrics.json", "summary.json"]
-    assert entries[DSM_2D].sources == ["metrics.json"]
+    assert entries[DSM].sources == ["metrics.json (ROI image)", "summary.json"]
+    assert entries[DSM_2D].sources == ["metrics.json (ROI image)"]
 
     # stock trainer: nnU-Net's summary.json, every case counted (it knows nothing of partial labels)
     for cls, key in (("liver", "(1, 3)"), ("spleen", "2"), ("liver_tumor", "3")):
@@ -240,6 +240,7 @@ def test_written_tables_and_plots(results, tmp_path):
     )
     fpr = entries[DSM].cells[Column("FPR95", "liver_tumor")]
     assert f"**{fpr.mean:.4f} ± {fpr.std:.4f}**" in dsm_row
+    assert dsm_row.endswith("| metrics.json (ROI image)+summary.json |")
     stock_row = next(
         line for line in md.splitlines() if line.startswith("| nnUNetTrainer | nnUNetPlans | 3d_fullres")
     )

@@ -162,8 +162,8 @@ def _from_summary(path: Path, names: Mapping[Any, str]) -> tuple[dict[Column, li
     return values, len(summary["metric_per_case"])
 
 
-def _from_metrics_json(path: Path) -> tuple[dict[Column, list[float]], int]:
-    """DSC (partial-label aware), AUROC and FPR95 columns from this package's metrics.json."""
+def _from_metrics_json(path: Path) -> tuple[dict[Column, list[float]], int, str]:
+    """DSC (partial-label aware), AUROC and FPR95 columns, case count and ROI mode from a metrics.json."""
     data = json.loads(path.read_text())
     if "per_case" not in data:
         raise LeaderboardError(f"{path} has no 'per_case'; write it with `nnunetv2_dsm evaluate`")
@@ -181,7 +181,7 @@ def _from_metrics_json(path: Path) -> tuple[dict[Column, list[float]], int]:
                         per_case.append(float(entry[key]))
         if per_case:
             values[MEAN_DSC].append(float(np.mean(per_case)))
-    return values, len(data["per_case"])
+    return values, len(data["per_case"]), data.get("roi", {}).get("mode", "unknown")
 
 
 def read_fold(
@@ -200,9 +200,10 @@ def read_fold(
         values, n_cases = _from_summary(summary, _label_names(fold_dir.parent / "dataset.json"))
         sources.append(SUMMARY_JSON)
     if metrics is not None:
-        ours, n_cases = _from_metrics_json(metrics)
+        ours, n_cases, roi = _from_metrics_json(metrics)
         values = {k: v for k, v in values.items() if k.kind != "DSC"} | ours
-        sources.append(METRICS_JSON)
+        # The ROI travels with the source so that rows computed in different regions stand out.
+        sources.append(f"{METRICS_JSON} (ROI {roi})")
     return FoldResult(dataset, trainer, plans, configuration, fold, fold_dir, values, sources, n_cases)
 
 
@@ -305,8 +306,8 @@ _FIXED = ("Trainer", "Plans", "Configuration", "Folds", "Cases")
 _NOTE = (
     "Mean ± std over all validation cases of all folds; best per column in bold "
     "(↑ higher is better, ↓ lower is better). DSC comes from metrics.json (partial-label aware) where "
-    "present, else from nnU-Net's summary.json. The region of interest of AUROC/FPR95 is stated in "
-    "each metrics.json."
+    "present, else from nnU-Net's summary.json. The Source column names the region of interest "
+    "(ROI) in which AUROC/FPR95 were computed; compare only rows with the same ROI."
 )
 
 
