@@ -1,0 +1,97 @@
+"""Class prompt alignment (DSM paper section 4.2.3, eq. 20) and MaskFormer semantic inference.
+
+Query embeddings are linearly projected to the text space; both sides are L2-normalised and the
+class logits of query q are ``cos(proj(q), t_c) / tau`` with tau = 0.01, so
+``p_q(c) = softmax_c(cos / tau)``. Text embeddings t (K, D) are inputs: the network owns them as
+buffers (any class name, seen or unseen, is a new row at predict time); nothing here encodes text.
+
+Semantic inference for class c (MaskFormer, Cheng et al. 2021):
+
+    P_c(x) = sum_q p_q(c) * sigmoid(m_q(x))                       (``semantic_masks``)
+
+is a probability-like map for prediction and AUROC. It lies in [0, sum_q p_q(c)], which exceeds 1
+only where several queries claim the same class. For the similarity-weighted stage-2 BCE
+(section 4.2.4) ``semantic_logits`` gives logits of the bounded mixture
+
+    P~_c(x) = sum_q p_q(c) sigmoid(m_q(x)) / max(1, sum_q p_q(c)),
+
+equal to P_c wherever a class's total query mass is at most 1 (and still near 0 for a class no query
+claims), always in [0, 1], for use with ``binary_cross_entropy_with_logits``, the BCE form that
+mixed-precision autocast accepts.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def class_probabilities(class_logits: Tensor) -> Tensor:
+    """p_q(c): softmax over the K classes of every query."""
+    # class_logits: (B, Nq, K) -> (B, Nq, K)
+    return class_logits.softmax(dim=-1)
+
+
+def _check_semantic_inputs(mask_logits: Tensor, class_probs: Tensor) -> None:
+    if (
+        mask_logits.ndim < 3
+        or class_probs.ndim != 3
+        or mask_logits.shape[:2] != class_probs.shape[:2]
+    ):
+        raise ValueError(
+            f"semantic inference expects mask_logits (B, Nq, *spatial) and class_probs (B, Nq, K) with the "
+            f"same B and Nq, got {tuple(mask_logits.shape)} and {tuple(class_probs.shape)}."
+        )
+
+
+def semantic_masks(mask_logits: Tensor, class_probs: Tensor) -> Tensor:
+    """MaskFormer semantic inference ``P_c(x) = sum_q p_q(c) sigmoid(m_q(x))`` (probabilities)."""
+    # mask_logits: (B, Nq, *S), class_probs: (B, Nq, K) -> (B, K, *S)
+    _check_semantic_inputs(mask_logits, class_probs)
+    return torch.einsum("bqk,bq...->bk...", class_probs, torch.sigmoid(mask_logits))
+
+
+def semantic_logits(mask_logits: Tensor, class_probs: Tensor, eps: float = 1e-6) -> Tensor:
+    """Logits of the bounded mixture P~_c (see the module docstring), for BCE with logits."""
+    # mask_logits: (B, Nq, *S), class_probs: (B, Nq, K) -> (B, K, *S)
+    _check_semantic_inputs(mask_logits, class_probs)
+    # float32: the mixture is a probability near 0 or 1 whose logit half precision cannot resolve.
+    with torch.autocast(mask_logits.device.type, enabled=False):
+        probs = class_probs.float()
+        weights = probs / probs.sum(dim=1, keepdim=True).clamp(min=1.0)
+        mixture = torch.einsum("bqk,bq...->bk...", weights, torch.sigmoid(mask_logits.float()))
+        return torch.logit(mixture, eps=eps)
+
+
+class TextAlignmentHead(nn.Module):
+    """Cosine-similarity class logits between projected queries and text embeddings, ``cos / tau``.
+
+    The temperature is fixed (0.01 in the paper), not learned: with unit vectors the logits lie in
+    [-1/tau, 1/tau], so tau alone sets how sharp p_q(c) can get.
+    """
+
+    def __init__(self, query_dim: int, text_dim: int, temperature: float = 0.01) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"TextAlignmentHead temperature must be > 0, got {temperature}.")
+        self.text_dim = text_dim
+        self.temperature = temperature
+        self.proj = nn.Linear(query_dim, text_dim)
+
+    def forward(self, queries: Tensor, text_embeddings: Tensor) -> Tensor:
+        # queries: (B, Nq, C), text_embeddings: (K, D) -> class logits (B, Nq, K)
+        if text_embeddings.ndim != 2 or text_embeddings.shape[1] != self.text_dim:
+            raise ValueError(
+                f"TextAlignmentHead expects text embeddings (K, {self.text_dim}), got "
+                f"{tuple(text_embeddings.shape)}: the text encoder must match the one the model was built with."
+            )
+        projected = self.proj(queries)
+        # float32: at tau = 0.01 a half-precision cosine error of 1e-3 would move logits by 0.1.
+        with torch.autocast(queries.device.type, enabled=False):
+            q = F.normalize(projected.float(), dim=-1)
+            t = F.normalize(text_embeddings.float(), dim=-1)
+            return q @ t.t() / self.temperature
+
+    def class_probabilities(self, queries: Tensor, text_embeddings: Tensor) -> Tensor:
+        """p_q(c) = softmax_c(cos(proj(q), t_c) / tau)."""
+        # queries: (B, Nq, C), text_embeddings: (K, D) -> (B, Nq, K)
+        return class_probabilities(self(queries, text_embeddings))
