@@ -277,3 +277,21 @@ def test_cli_subcommand(toy, capsys):
     args = parser.parse_args(["evaluate", str(preds), str(root / "nowhere"), "-d", str(dj)])
     assert args.func(args) == 2
     assert "reference folder" in capsys.readouterr().err
+
+
+def test_score_maps_in_separate_folder(toy):
+    root, refs, preds, dj, arrays = toy
+    scores = root / "scores"
+    rng = np.random.default_rng(1)
+    for case in arrays:
+        _write(rng.random(SHAPE).astype(np.float32), scores / f"{case}_anomaly.nii.gz")
+    result = evaluate_folder(preds, refs, dj, roi="image", scores=scores, progress=False)
+    anomaly = sitk.GetArrayFromImage(sitk.ReadImage(str(scores / "case_a_anomaly.nii.gz")))
+    ref = arrays["case_a"][0]
+    entry = result["per_case"]["case_a"]["liver_tumor"]
+    assert entry["anomaly_score_file"] == "case_a_anomaly.nii.gz" and result["scores"] == str(scores)
+    assert entry["anomaly_auroc"] == pytest.approx(roc_auc_score((ref == 3).ravel(), anomaly.ravel()))
+    # a label map in the score folder is not taken for a prediction
+    _write(arrays["case_a"][1], scores / "case_a.nii.gz")
+    with pytest.raises(EvaluationError, match="scores/case_a.nii.gz is named like a label map"):
+        evaluate_folder(preds, refs, dj, roi="image", scores=scores, progress=False)

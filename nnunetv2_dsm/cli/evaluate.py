@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="region of interest for AUROC/FPR95. " + " | ".join(ROI_DESCRIPTIONS.values()),
     )
     parser.add_argument(
+        "-s", "--scores", default=None, help="folder with the score maps, if not next to the label maps"
+    )
+    parser.add_argument(
         "-o", "--output", default=None, help="output folder (default: the predictions folder)"
     )
     parser.add_argument(
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             args.roi,
             args.output,
             args.chill,
+            scores=args.scores,
         )
     except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -145,16 +145,24 @@ class CaseFiles:
 
 
 def discover_cases(
-    predictions: Path, references: Path, labels: DatasetLabels, chill: bool = False
+    predictions: Path,
+    references: Path,
+    labels: DatasetLabels,
+    chill: bool = False,
+    scores: Path | None = None,
 ) -> dict[str, CaseFiles]:
     """Map case id -> prediction files; every file with the dataset's ending must be accounted for.
 
-    Without ``chill`` every reference case needs a predicted label map (nnU-Net's rule); with it
-    only predicted cases are evaluated, as for a single cross-validation fold.
+    Score maps are looked up in ``scores`` when given (a separate folder keeps the predictions
+    folder readable by nnU-Net's own evaluation, which takes every image file for a label map),
+    else next to the label maps. Without ``chill`` every reference case needs a predicted label
+    map (nnU-Net's rule); with it only predicted cases are evaluated, as for one fold.
     """
     ending = labels.file_ending
     if not predictions.is_dir():
         raise EvaluationError(f"predictions folder {predictions} not found")
+    if scores is not None and not scores.is_dir():
+        raise EvaluationError(f"score maps folder {scores} not found")
     if not references.is_dir():
         raise EvaluationError(f"reference folder {references} not found")
     ref_cases = sorted(p.name[: -len(ending)] for p in references.iterdir() if p.name.endswith(ending))
@@ -165,11 +173,18 @@ def discover_cases(
 
     label_maps: dict[str, Path] = {}
     score_maps: dict[str, dict[str, Path]] = {}
-    for path in sorted(predictions.iterdir()):
+    candidates = sorted(predictions.iterdir())
+    if scores is not None and scores.resolve() != predictions.resolve():
+        candidates += sorted(scores.iterdir())
+    for path in candidates:
         if not path.name.endswith(ending):
             continue
         stem = path.name[: -len(ending)]
         if stem in ref_set:
+            if path.parent != predictions:
+                raise EvaluationError(
+                    f"{path} is named like a label map but lies in the score maps folder; move it to {predictions}"
+                )
             label_maps[stem] = path
             continue
         owner = next(
@@ -182,7 +197,7 @@ def discover_cases(
         )
         if owner is None:
             raise EvaluationError(
-                f"prediction {path} has no reference {references / path.name} and is not a score map "
+                f"{path} has no reference {references / path.name} and is not a score map "
                 f"named <case>_<class>{ending} or <case>_{ANOMALY}{ending} for a reference case; "
                 "remove it or add its reference label map"
             )
@@ -466,6 +481,7 @@ def evaluate_folder(
     output_dir: str | os.PathLike | None = None,
     chill: bool = False,
     progress: bool = True,
+    scores: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate every predicted case and write the reports into ``output_dir`` (default: predictions).
 
@@ -486,7 +502,8 @@ def evaluate_folder(
     images_dir = Path(images) if images is not None else None
     if images_dir is not None and not images_dir.is_dir():
         raise EvaluationError(f"images folder {images_dir} not found")
-    cases = discover_cases(predictions, references, labels, chill)
+    scores_dir = Path(scores) if scores is not None else None
+    cases = discover_cases(predictions, references, labels, chill, scores_dir)
 
     channels: dict[str, int] | None = None
 
@@ -510,6 +527,7 @@ def evaluate_folder(
             "images": str(images_dir) if images_dir else None,
         },
         "predictions": str(predictions),
+        "scores": str(scores_dir or predictions),
         "references": str(references),
         "dataset_json": str(dataset_json),
         "classes": {name: list(ids) for name, ids in labels.classes.items()},
