@@ -1,0 +1,186 @@
+"""DSM stage-1 network: ResEnc backbone, pixel decoder, organ queries refined by kMMM layers.
+
+Built by nnU-Net's ``get_network_from_plans`` from ResEnc arch_kwargs plus the DSM keys. One query
+per foreground class (sigmoid multi-label). Outputs are logits; the network applies no sigmoid.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.initialization.weight_init import (
+    InitWeights_He,
+    init_last_bn_before_add_to_0,
+)
+from torch import nn
+
+from nnunetv2_dsm.networks.backbone import DSMPixelDecoder, feature_level_stages, num_feature_levels
+from nnunetv2_dsm.networks.heads import ClassHead
+from nnunetv2_dsm.networks.kmmm import KMMMLayer
+
+
+class LazyExtras(Mapping[str, Any]):
+    """Read-only mapping of forward extras; ``lazy`` entries are computed on first access and cached.
+
+    The pixel embedding E (query_dim channels at full resolution) is the largest tensor of the
+    network, and training losses do not use it, so it is only formed when someone reads it. It is
+    computed under the autograd/autocast context active at that moment.
+    """
+
+    def __init__(self, values: dict[str, Any], lazy: dict[str, Callable[[], Any]]) -> None:
+        self._values = dict(values)
+        self._lazy = dict(lazy)
+        self._keys = [*values, *lazy]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._values and key in self._lazy:
+            self._values[key] = self._lazy.pop(key)()
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class DSMNetwork(nn.Module):
+    """ResEnc encoder + UNet pixel decoder + kMMM query decoder with mask and class heads.
+
+    ``forward(x)`` returns the (B, num_classes, *spatial) mask logits ``Q_final . E``, or, when
+    ``deep_supervision`` is set, ``[final, M_finest, ..., M_coarsest]`` where M are the kMMM layers'
+    post-SSM mask logits at their level's resolution (see ``deep_supervision_stages``).
+    ``forward(x, return_extras=True)`` returns ``(output, extras)``, extras a read-only mapping with
+    ``queries`` (B, N, C), ``class_logits`` (B, N), ``responses`` (per-layer M_l, coarse to fine),
+    ``pixel_embedding`` E (B, C, *spatial) and ``features`` (multi-scale F_l, coarse to fine).
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        num_classes: int,
+        n_stages: int,
+        features_per_stage: int | list[int] | tuple[int, ...],
+        conv_op: type[nn.Module],
+        kernel_sizes: int | list | tuple,
+        strides: int | list | tuple,
+        n_blocks_per_stage: int | list[int] | tuple[int, ...],
+        n_conv_per_stage_decoder: int | list[int] | tuple[int, ...],
+        conv_bias: bool = False,
+        norm_op: type[nn.Module] | None = None,
+        norm_op_kwargs: dict | None = None,
+        dropout_op: type[nn.Module] | None = None,
+        dropout_op_kwargs: dict | None = None,
+        nonlin: type[nn.Module] | None = None,
+        nonlin_kwargs: dict | None = None,
+        deep_supervision: bool = False,
+        num_kmmm_layers: int = 4,
+        query_dim: int = 128,
+        ssm_d_state: int = 16,
+        ssm_expand: int = 2,
+        ssm_bidirectional: bool = True,
+        use_kmeans: bool = True,
+        use_ssm: bool = True,
+        ffn_dim: int = 256,
+        num_heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"DSMNetwork needs at least one foreground class (num_classes={num_classes}).")
+        if isinstance(n_blocks_per_stage, int):
+            n_blocks_per_stage = [n_blocks_per_stage] * n_stages
+        if isinstance(n_conv_per_stage_decoder, int):
+            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
+        num_levels = num_feature_levels(n_stages, num_kmmm_layers)
+        self.n_stages = n_stages
+        self.num_classes = num_classes
+        self.num_kmmm_layers = num_kmmm_layers
+        # Same attribute names as ResidualEncoderUNet so ResEnc checkpoints map onto encoder/decoder.
+        self.key_to_encoder = "encoder.stages"
+        self.key_to_stem = "encoder.stem"
+        self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
+        self.encoder = ResidualEncoder(
+            input_channels,
+            n_stages,
+            features_per_stage,
+            conv_op,
+            kernel_sizes,
+            strides,
+            n_blocks_per_stage,
+            conv_bias,
+            norm_op,
+            norm_op_kwargs,
+            dropout_op,
+            dropout_op_kwargs,
+            nonlin,
+            nonlin_kwargs,
+            return_skips=True,
+        )
+        self.decoder = DSMPixelDecoder(
+            self.encoder, query_dim, num_levels, n_conv_per_stage_decoder, deep_supervision=deep_supervision
+        )
+        self.queries = nn.Embedding(num_classes, query_dim)
+        self.kmmm_layers = nn.ModuleList(
+            [
+                KMMMLayer(
+                    num_classes,
+                    query_dim,
+                    num_heads=num_heads,
+                    ffn_dim=ffn_dim,
+                    ssm_d_state=ssm_d_state,
+                    ssm_expand=ssm_expand,
+                    ssm_bidirectional=ssm_bidirectional,
+                    use_kmeans=use_kmeans,
+                    use_ssm=use_ssm,
+                )
+                for _ in range(num_levels)
+            ]
+        )
+        self.class_head = ClassHead(query_dim)
+
+    @property
+    def deep_supervision(self) -> bool:
+        # Stored on the decoder because nnU-Net's trainer toggles ``network.decoder.deep_supervision``.
+        return self.decoder.deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool) -> None:
+        self.decoder.deep_supervision = enabled
+
+    @staticmethod
+    def deep_supervision_stages(n_stages: int, num_kmmm_layers: int) -> list[int]:
+        """Encoder stage whose resolution each deep-supervision output has, in output order."""
+        return [0] + feature_level_stages(n_stages, num_kmmm_layers)[::-1]
+
+    def forward(
+        self, x: torch.Tensor, return_extras: bool = False
+    ) -> torch.Tensor | list[torch.Tensor] | tuple[Any, LazyExtras]:
+        # x: (B, C_in, *S) -> (B, N, *S) | [(B, N, *S), (B, N, *S_l) fine to coarse] (+ extras)
+        features, last_stage = self.decoder(self.encoder(x))
+        q = self.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+        responses = []
+        for layer, f in zip(self.kmmm_layers, features):
+            q, m = layer(q, f)
+            responses.append(m)
+        final = self.decoder.pixel_proj(q, last_stage)
+        output = [final, *responses[::-1]] if self.deep_supervision else final
+        if not return_extras:
+            return output
+        extras = LazyExtras(
+            {"queries": q, "class_logits": self.class_head(q), "responses": responses, "features": features},
+            {"pixel_embedding": lambda: self.decoder.pixel_embedding(last_stage)},
+        )
+        return output, extras
+
+    def compute_conv_feature_map_size(self, input_size: list[int] | tuple[int, ...]) -> np.int64:
+        """Activation count estimate for nnU-Net's VRAM heuristics (input_size without channels)."""
+        size = self.encoder.compute_conv_feature_map_size(input_size)
+        size += self.decoder.compute_conv_feature_map_size(input_size)
+        return size + np.prod([self.num_classes, *input_size], dtype=np.int64)
+
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        InitWeights_He(1e-2)(module)
+        init_last_bn_before_add_to_0(module)

@@ -1,0 +1,139 @@
+"""k-Means Mask Mamba (kMMM) decoder layer (DSM paper section 4.1.1, after kMaX-DeepLab).
+
+One layer, at one feature level F_l (already projected to ``query_dim``):
+
+1. query response ``R = proj_q(Q) . proj_f(F_l)``: (B, N, L) with L = h*w(*d);
+2. ``M_l = R + SSM(SiLU(R))``: a Mamba block scans the flattened spatial sequence with the N query
+   responses as channels. The SSM is residual, as Mamba blocks are used in U-Mamba and Vision Mamba,
+   so ``use_ssm=False`` (``M_l = R``) is exactly the layer without it. M_l are the layer's mask logits
+   and are returned for deep supervision: the argmax below is not differentiable, so this output is
+   the path by which proj_q, proj_f and the SSM receive gradients;
+3. query update, either
+   - k-means (kMaX-DeepLab): cluster-wise argmax of M_l over queries gives a one-hot assignment A
+     and ``Q <- Q + LN(A . V(F_l))``, the per-cluster SUM of value features. kMaX normalises this
+     sum with a 1x1 conv + BatchNorm; a LayerNorm is used here because 3d batches hold two volumes;
+   - or masked cross-attention (Mask2Former): softmax over pixels restricted to ``M_l > 0``, a query
+     with an empty mask attending everywhere;
+4. query self-attention and FFN, each ``Q <- GELU(Q + Norm(branch(Q)))`` as in kMaX-DeepLab's
+   transformer layer (LayerNorm in place of BatchNorm).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_dsm.networks.heads import ProjectedDotProduct
+from nnunetv2_dsm.networks.ssm import SSM
+
+
+def kmeans_assignment(mask_logits: torch.Tensor) -> torch.Tensor:
+    """One-hot cluster assignment of every pixel to its arg-max query (no gradient, as in kMaX)."""
+    # mask_logits: (B, N, L) -> (B, N, L)
+    index = mask_logits.detach().argmax(dim=1, keepdim=True)
+    return torch.zeros_like(mask_logits, memory_format=torch.contiguous_format).scatter_(1, index, 1.0)
+
+
+class KMeansClusterUpdate(nn.Module):
+    """Per-cluster sum of value features ``sum_{l in cluster n} V(f_l)``.
+
+    V is linear, so the sum is taken over the raw features first and projected once per cluster
+    (``W (A f) + |cluster| b``), which avoids projecting every pixel.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.value = nn.Linear(dim, dim)
+
+    def forward(self, assignment: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        # assignment: (B, N, L) one-hot over N, f: (B, C, L) -> (B, N, C)
+        # Sums over up to ~10^5 pixels overflow half precision, so this runs in float32 (as in kMaX).
+        with torch.autocast(f.device.type, enabled=False):
+            assignment, f = assignment.float(), f.float()
+            pooled = torch.bmm(assignment, f.transpose(1, 2))
+            counts = assignment.sum(dim=-1, keepdim=True)
+            return pooled @ self.value.weight.float().t() + counts * self.value.bias.float()
+
+
+class MaskedCrossAttention(nn.Module):
+    """Mask2Former masked cross-attention of queries to pixels, mask ``M > 0``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, q: torch.Tensor, f: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        # q: (B, N, C), f: (B, C, L), mask_logits: (B, N, L) -> (B, N, C)
+        blocked = mask_logits.detach() <= 0
+        blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
+        pixels = f.transpose(1, 2)
+        out, _ = self.attn(
+            q, pixels, pixels, attn_mask=blocked.repeat_interleave(self.num_heads, dim=0), need_weights=False
+        )
+        return out
+
+
+class KMMMLayer(nn.Module):
+    """One kMMM decoder layer; see the module docstring for the computation."""
+
+    def __init__(
+        self,
+        num_queries: int,
+        query_dim: int,
+        num_heads: int = 4,
+        ffn_dim: int = 256,
+        ssm_d_state: int = 16,
+        ssm_d_conv: int = 4,
+        ssm_expand: int = 2,
+        ssm_bidirectional: bool = True,
+        use_kmeans: bool = True,
+        use_ssm: bool = True,
+    ) -> None:
+        super().__init__()
+        if query_dim % num_heads:
+            raise ValueError(f"query_dim ({query_dim}) must be divisible by num_heads ({num_heads}).")
+        self.use_kmeans = use_kmeans
+        self.query_proj = nn.Linear(query_dim, query_dim)
+        self.response = ProjectedDotProduct(query_dim, query_dim)
+        self.ssm = (
+            SSM(
+                num_queries,
+                d_state=ssm_d_state,
+                d_conv=ssm_d_conv,
+                expand=ssm_expand,
+                bidirectional=ssm_bidirectional,
+            )
+            if use_ssm
+            else None
+        )
+        self.update = (
+            KMeansClusterUpdate(query_dim) if use_kmeans else MaskedCrossAttention(query_dim, num_heads)
+        )
+        self.update_norm = nn.LayerNorm(query_dim)
+        self.self_attn = nn.MultiheadAttention(query_dim, num_heads, batch_first=True)
+        self.self_attn_norm = nn.LayerNorm(query_dim)
+        self.ffn = nn.Sequential(nn.Linear(query_dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, query_dim))
+        self.ffn_norm = nn.LayerNorm(query_dim)
+
+    def mask_logits(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Post-SSM mask logits M_l of the queries on flattened features."""
+        # q: (B, N, C), f: (B, C, L) -> (B, N, L)
+        r = self.response(self.query_proj(q), f)
+        if self.ssm is None:
+            return r
+        return r + self.ssm(F.silu(r).transpose(1, 2)).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: (B, N, C), f: (B, C, *S) -> (q: (B, N, C), M_l: (B, N, *S))
+        spatial = f.shape[2:]
+        f = f.flatten(2)
+        m = self.mask_logits(q, f)
+        if self.use_kmeans:
+            update = self.update(kmeans_assignment(m), f)
+        else:
+            update = self.update(q, f, m)
+        q = q + self.update_norm(update)
+        attended, _ = self.self_attn(q, q, q, need_weights=False)
+        q = F.gelu(q + self.self_attn_norm(attended))
+        q = F.gelu(q + self.ffn_norm(self.ffn(q)))
+        return q, m.reshape(*m.shape[:2], *spatial)

@@ -1,0 +1,340 @@
+"""DSM stage-1 network: shapes, gradients, k-means update, nnU-Net construction and inference paths."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+from nnunetv2_dsm.networks.dsm_network import DSMNetwork, LazyExtras
+from nnunetv2_dsm.networks.heads import ProjectedDotProduct
+from nnunetv2_dsm.networks.kmmm import KMeansClusterUpdate, KMMMLayer, kmeans_assignment
+
+QUERY_DIM = 16
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def resenc_kwargs(dim: int, n_stages: int, strides: list, conv_bias: bool = True) -> dict:
+    """ResEnc arch_kwargs as nnU-Net plans hold them, with classes resolved."""
+    conv_op = nn.Conv3d if dim == 3 else nn.Conv2d
+    norm_op = nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d
+    return dict(
+        n_stages=n_stages,
+        features_per_stage=[8, 16, 32, 64, 64][:n_stages],
+        conv_op=conv_op,
+        kernel_sizes=[[3] * dim] * n_stages,
+        strides=strides,
+        n_blocks_per_stage=[1, 1, 2, 2, 2][:n_stages],
+        n_conv_per_stage_decoder=[1] * (n_stages - 1),
+        conv_bias=conv_bias,
+        norm_op=norm_op,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        dropout_op=None,
+        dropout_op_kwargs=None,
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    )
+
+
+STRIDES_3D = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+PATCH_3D = (16, 32, 32)
+STRIDES_2D = [[1, 1], [2, 2], [2, 2], [2, 2]]
+PATCH_2D = (64, 64)
+
+
+def build(dim: int, num_classes: int = 3, conv_bias: bool = True, **dsm) -> tuple[DSMNetwork, dict, tuple]:
+    if dim == 3:
+        kwargs, patch = resenc_kwargs(3, 5, STRIDES_3D, conv_bias), PATCH_3D
+    else:
+        kwargs, patch = resenc_kwargs(2, 4, STRIDES_2D, conv_bias), PATCH_2D
+    dsm = {"query_dim": QUERY_DIM, "ffn_dim": 32, "num_heads": 2, **dsm}
+    torch.manual_seed(0)
+    return DSMNetwork(1, num_classes, **kwargs, **dsm), kwargs, patch
+
+
+def stage_shape(patch: tuple, strides: list, stage: int) -> tuple:
+    factor = np.prod(np.array(strides[: stage + 1]), axis=0)
+    return tuple(int(p // f) for p, f in zip(patch, factor))
+
+
+@pytest.mark.parametrize(("dim", "num_kmmm_layers"), [(3, 4), (3, 2), (2, 4), (2, 2)])
+def test_output_shapes(dim: int, num_kmmm_layers: int) -> None:
+    net, kwargs, patch = build(dim, num_kmmm_layers=num_kmmm_layers)
+    n_stages, strides = kwargs["n_stages"], kwargs["strides"]
+    levels = min(num_kmmm_layers, n_stages - 1)
+    x = torch.randn(2, 1, *patch)
+    with torch.no_grad():
+        net.deep_supervision = False
+        single = net(x)
+        assert single.shape == (2, 3, *patch)
+
+        net.deep_supervision = True
+        outputs, extras = net(x, return_extras=True)
+    ds_stages = DSMNetwork.deep_supervision_stages(n_stages, num_kmmm_layers)
+    assert ds_stages == [0, *range(n_stages - levels, n_stages)]
+    assert len(outputs) == len(ds_stages) == levels + 1
+    for out, stage in zip(outputs, ds_stages):
+        assert out.shape == (2, 3, *stage_shape(patch, strides, stage))
+    torch.testing.assert_close(outputs[0], single)
+
+    assert set(extras) == {"queries", "class_logits", "responses", "pixel_embedding", "features"}
+    assert extras["queries"].shape == (2, 3, QUERY_DIM)
+    assert extras["class_logits"].shape == (2, 3)
+    assert extras["pixel_embedding"].shape == (2, QUERY_DIM, *patch)
+    assert len(extras["responses"]) == len(extras["features"]) == levels
+    for k, (m, f) in enumerate(zip(extras["responses"], extras["features"])):
+        spatial = stage_shape(patch, strides, n_stages - 1 - k)
+        assert f.shape == (2, QUERY_DIM, *spatial)
+        assert m is outputs[levels - k]
+    # final logits are Q_final . E even though E is not materialised on the forward path
+    expected = torch.einsum("bnc,bc...->bn...", extras["queries"], extras["pixel_embedding"])
+    torch.testing.assert_close(outputs[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lazy_extras_compute_on_first_access_only() -> None:
+    calls = []
+    extras = LazyExtras({"a": 1}, {"b": lambda: calls.append(1) or 2})
+    assert list(extras) == ["a", "b"] and len(extras) == 2 and not calls
+    assert extras["b"] == 2 and extras["b"] == 2 and calls == [1]
+    assert dict(extras) == {"a": 1, "b": 2}
+    with pytest.raises(KeyError):
+        extras["c"]
+
+
+def test_deep_supervision_toggle_follows_nnunet_trainer_attribute() -> None:
+    net, _, patch = build(2)
+    # nnUNetTrainer.set_deep_supervision_enabled sets network.decoder.deep_supervision
+    net.decoder.deep_supervision = True
+    assert net.deep_supervision
+    with torch.no_grad():
+        assert isinstance(net(torch.randn(1, 1, *patch)), list)
+    net.deep_supervision = False
+    assert not net.decoder.deep_supervision
+
+
+def test_deep_supervision_stages_for_six_stages_match_paper_strides() -> None:
+    stages = DSMNetwork.deep_supervision_stages(6, 4)
+    assert stages == [0, 2, 3, 4, 5]
+    strides = [1, 2, 2, 2, 2, 2]
+    assert [int(np.prod(strides[: s + 1])) for s in stages] == [1, 4, 8, 16, 32]
+    assert DSMNetwork.deep_supervision_stages(3, 4) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "variant", [{}, {"use_ssm": False}, {"use_kmeans": False}, {"ssm_bidirectional": False}], ids=str
+)
+def test_every_parameter_gets_gradient(variant: dict) -> None:
+    # conv biases directly followed by InstanceNorm have an exactly zero gradient in any network,
+    # so the check runs without them.
+    net, _, patch = build(3, conv_bias=False, **variant)
+    net.deep_supervision = True
+    net.train()
+    x = torch.randn(2, 1, *patch)
+    outputs, extras = net(x, return_extras=True)
+    generator = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=generator)).mean() for o in outputs)
+    loss = loss + extras["class_logits"].sum()
+    loss.backward()
+    missing = [
+        n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
+    assert not missing, f"parameters without gradient: {missing}"
+    ssm_params = [n for n, _ in net.named_parameters() if ".ssm." in n]
+    assert bool(ssm_params) == variant.get("use_ssm", True)
+
+
+@pytest.mark.parametrize("use_kmeans", [True, False])
+def test_mixed_precision_training_step(use_kmeans: bool) -> None:
+    # nnU-Net trains under autocast; bfloat16 on CPU exercises the same reduced-precision paths.
+    net, _, patch = build(2, use_kmeans=use_kmeans)
+    net.deep_supervision = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs, extras = net(torch.randn(2, 1, *patch), return_extras=True)
+        loss = sum(o.float().mean() for o in outputs) + extras["class_logits"].float().mean()
+    loss.backward()
+    assert all(torch.isfinite(o).all() for o in outputs)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
+    assert net.kmmm_layers[0].ssm.A_log.grad.any()
+
+
+def test_kmeans_update_equals_explicit_per_cluster_sum() -> None:
+    torch.manual_seed(0)
+    b, n, c, length = 2, 5, 8, 40
+    update = KMeansClusterUpdate(c)
+    f = torch.randn(b, c, length)
+    logits = torch.randn(b, n, length)
+    logits[:, 4] = -1e3  # query 4 owns no pixel: its update is the empty sum
+    assignment = kmeans_assignment(logits)
+    assert torch.equal(assignment.sum(1), torch.ones(b, length))
+    result = update(assignment, f)
+
+    owner = logits.argmax(1)
+    expected = torch.zeros(b, n, c)
+    for bi in range(b):
+        for ni in range(n):
+            for li in range(length):
+                if owner[bi, li] == ni:
+                    expected[bi, ni] += update.value(f[bi, :, li])
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(result[:, 4], torch.zeros(b, c))
+
+
+def test_kmeans_assignment_blocks_gradient_but_values_get_it() -> None:
+    torch.manual_seed(0)
+    layer = KMMMLayer(3, QUERY_DIM, num_heads=2, ffn_dim=32, use_ssm=False)
+    q = torch.randn(1, 3, QUERY_DIM)
+    f = torch.randn(1, QUERY_DIM, 4, 4, 4, requires_grad=True)
+    new_q, m = layer(q, f)
+    assert m.shape == (1, 3, 4, 4, 4)
+    new_q.sum().backward()
+    assert layer.query_proj.weight.grad is None  # only reached through M_l (deep supervision)
+    assert layer.update.value.weight.grad.any()
+    assert f.grad.any()
+
+
+def test_masked_cross_attention_empty_mask_falls_back_to_full_attention() -> None:
+    torch.manual_seed(0)
+    layer = KMMMLayer(2, QUERY_DIM, num_heads=2, ffn_dim=32, use_kmeans=False, use_ssm=False)
+    q = torch.randn(1, 2, QUERY_DIM)
+    f = torch.randn(1, QUERY_DIM, 6)
+    logits = torch.full((1, 2, 6), -1.0)
+    logits[0, 0, :2] = 1.0
+    out = layer.update(q, f, logits)
+    assert torch.isfinite(out).all()
+    pixels = f.transpose(1, 2)
+    restricted, _ = layer.update.attn(q[:, :1], pixels[:, :2], pixels[:, :2], need_weights=False)
+    full, _ = layer.update.attn(q[:, 1:], pixels, pixels, need_weights=False)
+    torch.testing.assert_close(out[:, :1], restricted)
+    torch.testing.assert_close(out[:, 1:], full)
+
+
+def test_projected_dot_product_equals_explicit_embedding() -> None:
+    torch.manual_seed(0)
+    head = ProjectedDotProduct(6, QUERY_DIM)
+    q = torch.randn(2, 3, QUERY_DIM)
+    f = torch.randn(2, 6, 5, 4, 3)
+    explicit = torch.einsum("bnc,bc...->bn...", q, head.embed(f))
+    reference = torch.einsum("bnc,bxyzc->bnxyz", q, head.proj(f.permute(0, 2, 3, 4, 1)))
+    torch.testing.assert_close(explicit, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head(q, f), explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_output_is_deterministic() -> None:
+    net, _, patch = build(3)
+    net.eval()
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+
+
+def plans_configuration(dim: int, patch: tuple, n_stages: int, strides: list) -> dict:
+    conv = "Conv3d" if dim == 3 else "Conv2d"
+    norm = "InstanceNorm3d" if dim == 3 else "InstanceNorm2d"
+    arch = resenc_kwargs(dim, n_stages, strides)
+    arch.update(
+        conv_op=f"torch.nn.modules.conv.{conv}",
+        norm_op=f"torch.nn.modules.instancenorm.{norm}",
+        nonlin="torch.nn.LeakyReLU",
+        num_kmmm_layers=4,
+        query_dim=QUERY_DIM,
+        ffn_dim=32,
+        num_heads=2,
+    )
+    return {
+        "patch_size": list(patch),
+        "architecture": {
+            "network_class_name": "nnunetv2_dsm.networks.dsm_network.DSMNetwork",
+            "arch_kwargs": arch,
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+    }
+
+
+def test_get_network_from_plans_builds_and_initialises() -> None:
+    cm = ConfigurationManager(plans_configuration(3, PATCH_3D, 5, STRIDES_3D))
+    torch.manual_seed(0)
+    net = get_network_from_plans(
+        cm.network_arch_class_name,
+        cm.network_arch_init_kwargs,
+        cm.network_arch_init_kwargs_req_import,
+        1,
+        2,
+        deep_supervision=True,
+    )
+    assert isinstance(net, DSMNetwork)
+    assert net.deep_supervision
+    assert isinstance(net.encoder.stages[0].blocks[0].conv1.conv, nn.Conv3d)
+    # ResEnc initialisation: He-initialised convs with zero bias, last norm of each residual block zeroed
+    assert not net.encoder.stages[1].blocks[0].conv2.norm.weight.any()
+    assert not net.encoder.stem.convs[0].conv.bias.any()
+    with torch.no_grad():
+        outputs = net(torch.randn(1, 1, *PATCH_3D))
+    assert len(outputs) == 5 and outputs[0].shape == (1, 2, *PATCH_3D)
+
+
+def test_backbone_state_dict_matches_resenc() -> None:
+    net, kwargs, _ = build(2)
+    resenc = ResidualEncoderUNet(1, num_classes=3, **kwargs)
+    resenc_keys = {
+        k for k in resenc.state_dict() if ".seg_layers." not in k and not k.startswith("decoder.encoder.")
+    }
+    dsm_keys = {
+        k for k in net.state_dict() if k.startswith(("encoder.", "decoder.stages.", "decoder.transpconvs."))
+    }
+    assert dsm_keys == resenc_keys
+    missing, _ = net.load_state_dict(resenc.state_dict(), strict=False)
+    assert all(not k.startswith(("encoder.", "decoder.stages.", "decoder.transpconvs.")) for k in missing)
+
+
+def test_nnunet_predictor_mirroring_and_sliding_window() -> None:
+    net, _, patch = build(3, num_classes=2)
+    net.eval()
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"), allow_tqdm=False
+    )
+    predictor.network = net
+    predictor.allowed_mirroring_axes = (0, 1, 2)
+    predictor.configuration_manager = ConfigurationManager(plans_configuration(3, patch, 5, STRIDES_3D))
+    predictor.label_manager = LabelManager(
+        {"background": 0, "liver": [1, 2], "liver_tumor": 2}, regions_class_order=[1, 2]
+    )
+    assert predictor.label_manager.num_segmentation_heads == 2
+
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        mirrored = predictor._internal_maybe_mirror_and_predict(x)
+        expected = net(x)
+        combos = [c for i in range(3) for c in itertools.combinations([2, 3, 4], i + 1)]
+        for axes in combos:
+            expected += torch.flip(net(torch.flip(x, axes)), axes)
+        expected /= len(combos) + 1
+    assert mirrored.shape == (1, 2, *patch)
+    torch.testing.assert_close(mirrored, expected)
+
+    image = torch.randn(1, patch[0], patch[1] + 8, patch[2])
+    logits = predictor.predict_sliding_window_return_logits(image)
+    assert logits.shape == (2, *image.shape[1:])
+    assert torch.isfinite(logits).all()
+
+
+def test_invalid_configuration_names_the_fix() -> None:
+    kwargs = resenc_kwargs(2, 4, STRIDES_2D)
+    with pytest.raises(ValueError, match="num_kmmm_layers"):
+        DSMNetwork(1, 3, **kwargs, num_kmmm_layers=0)
+    with pytest.raises(ValueError, match="num_heads"):
+        DSMNetwork(1, 3, **kwargs, query_dim=10, num_heads=4)
+    with pytest.raises(ValueError, match="num_classes"):
+        DSMNetwork(1, 0, **kwargs)
