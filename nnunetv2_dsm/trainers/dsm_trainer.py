@@ -16,6 +16,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch._dynamo import OptimizedModule
 
+from nnunetv2_dsm.evaluation.partial_summary import mask_unannotated
 from nnunetv2_dsm.losses import (
     ClassPresenceBCE,
     PartialLabelDeepSupervision,
@@ -124,6 +125,16 @@ class DSMTrainer(nnUNetTrainer):
                 "tp_hard": (tp * weight).sum(0).detach().cpu().numpy(),
                 "fp_hard": (fp * weight).sum(0).detach().cpu().numpy(),
                 "fn_hard": (fn * weight).sum(0).detach().cpu().numpy()}
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        super().perform_actual_validation(save_probabilities)
+        summary_file = os.path.join(self.output_folder, "validation", "summary.json")
+        if self.local_rank == 0 and self.dataset_json.get("dsm", {}).get("class_availability") \
+                and os.path.isfile(summary_file):
+            summary = mask_unannotated(summary_file, self.dataset_json, self.class_names,
+                                       self.label_manager.foreground_regions)
+            self.print_to_log_file("Mean Validation Dice over annotated (case, class) pairs:",
+                                   summary["foreground_mean"]["Dice"])
 
     def save_checkpoint(self, filename: str) -> None:
         """Write to a temporary file and rename, so an interrupted save never leaves a truncated checkpoint."""
