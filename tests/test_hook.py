@@ -94,3 +94,21 @@ def test_unknown_class_still_reported_by_nnunet() -> None:
 
     with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer DSMTrainer_doesnotexist"):
         recursive_find_trainer_class_by_name("DSMTrainer_doesnotexist")
+
+
+def test_documented_fallback_without_pth_processing(tmp_path: Path) -> None:
+    """Where .pth files are not processed, nnUNet_extTrainer (as the README says) still finds DSM trainers."""
+    trainers = REPO / "nnunetv2_dsm" / "trainers"
+    script = textwrap.dedent("""
+        import sys
+        sys.path[:0] = sys.argv[1:3]
+        assert not any(type(f).__name__ == "_Finder" for f in sys.meta_path), "hook must not be active"
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        trainer = recursive_find_trainer_class_by_name("DSMTrainer_2epochs")
+        print(trainer.__name__)
+    """)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "nnUNet_extTrainer": str(trainers)}
+    out = subprocess.run([sys.executable, "-S", "-c", script, str(REPO), sysconfig.get_paths()["purelib"]],
+                         cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "DSMTrainer_2epochs"
