@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-# Largest |exponent| (base 2) a factor may reach: leaves ~2^38 (float32) of headroom for the
-# magnitudes of B * u * delta and the chunk sum before overflow.
-_MAX_HALF_SPAN_LOG2 = {torch.float32: 90.0, torch.float64: 900.0}
+# Largest decay span (natural log) inside a chunk: factors reach exp(span / 2) = e^60 in float32,
+# leaving ~e^28 of headroom for the magnitudes of delta * B * u and the chunk sum before overflow.
+_MAX_SPAN = {torch.float32: 120.0, torch.float64: 1200.0}
+# Elements of one (b, D, N, L_segment) intermediate; bounds the memory of a scan segment (64 MiB fp32).
+_SEGMENT_ELEMENTS = 1 << 24
 
 
 @functools.cache
@@ -78,58 +80,55 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         raise ValueError(f"selective_scan: z shape {tuple(z.shape)} must equal u shape {tuple(u.shape)}")
 
 
-def _chunk_terms(u: Tensor, delta: Tensor, A2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    # u, delta: (..., b, G, H, T), A2: (G, H, N, 1) -> rel, inputs: (..., b, G, H, 1, T), carry: (..., b, G, H, N)
-    g = delta.cumsum(-1)
-    # The result does not depend on the reference point, so it carries no gradient.
-    ref = (0.5 * (g[..., :1] + g[..., -1:])).detach()
-    return (g - ref).unsqueeze(-2), (delta * u).unsqueeze(-2), torch.exp2(A2.squeeze(-1) * ref)
+def _segment_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor,
+                  chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Scan one segment, all chunks at once; returns its output and its final state.
+
+    u, delta: (b, G, H, L) with L a multiple of chunk_size; A: (G, H, N); B, C: (b, G, N, L);
+    h0: (b, G, H, N) state entering the segment -> y: (b, G, H, L), h: (b, G, H, N)
+    """
+    b, groups, heads, length = u.shape
+    n_chunks = length // chunk_size
+    # (b, G, H, N, K, T): every (channel, state) pair, chunked
+    dA = (delta.unsqueeze(3) * A.unsqueeze(-1)).unflatten(-1, (n_chunks, chunk_size))
+    x = ((delta * u).unsqueeze(3) * B.unsqueeze(2)).unflatten(-1, (n_chunks, chunk_size))
+    g = dA.cumsum(-1)
+    ref = g[..., chunk_size // 2 : chunk_size // 2 + 1].detach()
+    # Within a chunk: h_t = sum_{s<=t} exp(g_t - g_s) x_s, factorised around ref (both factors bounded).
+    # Two exponentials, not a division by the first: the gradient of x / e^a would square e^a and underflow.
+    rise = torch.exp(g - ref)
+    local = rise * torch.cumsum(torch.exp(ref - g) * x, -1)
+    # Across chunks: H_k = P_k H_{k-1} + local_end_k, a short linear recurrence over K chunks.
+    # Hillis-Steele doubling keeps it vectorised and stable (decays P <= 1 only multiply).
+    decay = torch.exp(g[..., -1])
+    state = local[..., -1]
+    shift = 1
+    while shift < n_chunks:
+        state = torch.cat([state[..., :shift], state[..., shift:] + decay[..., shift:] * state[..., :-shift]], -1)
+        decay = torch.cat([decay[..., :shift], decay[..., shift:] * decay[..., :-shift]], -1)
+        shift *= 2
+    # state_k now includes chunks 0..k from a zero start; add the incoming state, then shift by one chunk.
+    state = state + decay * h0.unsqueeze(-1)
+    entering = torch.cat([h0.unsqueeze(-1), state[..., :-1]], -1)
+    h = local + rise * (torch.exp(ref) * entering.unsqueeze(-1))
+    y = torch.einsum("bghnkt,bgnkt->bghkt", h, C.unflatten(-1, (n_chunks, chunk_size)))
+    return y.flatten(-2), state[..., -1]
 
 
-def _scan_chunk(rel: Tensor, inputs: Tensor, B: Tensor, C: Tensor, A2: Tensor, carry: Tensor, h: Tensor,
-                out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    # rel, inputs: (b, G, H, 1, T), B, C: (b, G, 1, N, T), A2 = A*log2(e): (G, H, N, 1), carry, h: (b, G, H, N)
-    # exp2 is several times faster than exp on CPU, hence the base-2 exponents.
-    if out is not None:  # nothing to differentiate: work in place, the chunk is memory-bound
-        decay_to = torch.mul(A2, rel).exp2_()
-        scaled = torch.div(B, decay_to).mul_(inputs)
-        scaled[..., 0].addcmul_(carry, h)
-        states = scaled.cumsum_(-1).mul_(decay_to)
-        h = states[..., -1].clone()
-        return torch.sum(states.mul_(C), -2, out=out), h
-    exponent = A2 * rel
-    decay_to = torch.exp2(exponent)
-    # A second exp2 rather than a division: the backward of x / y squares y, which overflows here.
-    scaled = B * inputs * torch.exp2(-exponent)
-    scaled[..., 0] += carry * h
-    states = decay_to * scaled.cumsum(-1)
-    return (states * C).sum(-2), states[..., -1]
+def _chunk_length(delta: Tensor, A: Tensor, chunk_size: int, limit: float) -> int:
+    """Largest power-of-two chunk (<= chunk_size) whose accumulated log-decay the float type can hold.
 
-
-def _chunk_pieces(delta: Tensor, max_abs_a2: Tensor, limit: float) -> list[tuple[int, int, int]]:
-    # delta: (n_chunks, b, G, H, T), max_abs_a2: (G, H, 1) -> [(chunk, start, end)] in sequence order
-    n_chunks, chunk_size = delta.shape[0], delta.shape[-1]
-    rate = delta * max_abs_a2
-    # The first step of a chunk decays only the carried state (exp(A g_t) <= 1), so it is not in the span.
-    too_wide = rate[..., 1:].sum(-1).flatten(1).amax(1) > limit
-    if not bool(too_wide.any()):
-        return [(i, 0, chunk_size) for i in range(n_chunks)]
-    # Inside a chunk that is too wide, start a new piece whenever the running sum of the largest per-step
-    # rate crosses a multiple of the limit: every piece then spans less than the limit.
-    step_rate = rate.movedim(0, -2).flatten(-2).flatten(0, -2).amax(0)
-    bucket = torch.floor(step_rate.double().cumsum(0) / limit)
-    crossing = torch.nonzero(bucket[1:] != bucket[:-1]).squeeze(-1) + 1
-    crossing = crossing[too_wide[crossing // chunk_size]]
-    starts = sorted({*range(0, n_chunks * chunk_size, chunk_size), *crossing.tolist()})
-    ends = [*starts[1:], n_chunks * chunk_size]
-    return [(s // chunk_size, s % chunk_size, e - (s // chunk_size) * chunk_size) for s, e in zip(starts, ends)]
-
-
-def _to_chunks(x: Tensor, n_chunks: int, chunk_size: int) -> Tensor:
-    # x: (..., L) -> (n_chunks, ..., chunk_size), zero-padded: a zero step neither decays nor adds input
-    padding = n_chunks * chunk_size - x.shape[-1]
-    x = (F.pad(x, (0, padding)) if padding else x).unflatten(-1, (n_chunks, chunk_size))
-    return x.movedim(-2, 0).contiguous()
+    The factors exp(+-(g - ref)) reach exp(span / 2) for a chunk's decay span, so span must stay below
+    ``limit``; fast-decaying inputs get shorter chunks (a single step always fits).
+    """
+    rate = delta * A.abs().amax(-1).unsqueeze(-1)  # (b, G, H, L) per-step bound on the decay
+    while chunk_size > 1:
+        pad = (-rate.shape[-1]) % chunk_size
+        span = F.pad(rate, (0, pad)).unflatten(-1, (-1, chunk_size)).sum(-1).amax()
+        if float(span) < limit:
+            break
+        chunk_size //= 2
+    return chunk_size
 
 
 def _chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> Tensor:
@@ -137,38 +136,28 @@ def _chunked_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chu
     batch, dim, length = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     heads = dim // groups
-    chunk_size = min(chunk_size, length)
-    n_chunks = math.ceil(length / chunk_size)
-    # Chunk-major contiguous copies make every chunk a dense block for the vectorised kernels below.
-    u = _to_chunks(u.reshape(batch, groups, heads, length), n_chunks, chunk_size)
-    delta = _to_chunks(delta.reshape(batch, groups, heads, length), n_chunks, chunk_size)
-    B = _to_chunks(B.unsqueeze(2), n_chunks, chunk_size)
-    C = _to_chunks(C.unsqueeze(2), n_chunks, chunk_size)
-    A2 = (A * math.log2(math.e)).reshape(groups, heads, d_state, 1)
-    limit = 2.0 * _MAX_HALF_SPAN_LOG2[u.dtype]
+    u = u.reshape(batch, groups, heads, length)
+    delta = delta.reshape(batch, groups, heads, length)
+    A = A.reshape(groups, heads, d_state)
     with torch.no_grad():
-        pieces = _chunk_pieces(delta, A2.abs().amax(-2), limit)
-    rel, inputs, carry = _chunk_terms(u, delta, A2)
-    # Recomputing each chunk in backward keeps training memory at O(b * D * L) instead of O(b * D * N * L).
-    remat = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A2, B, C))
+        chunk_size = _chunk_length(delta, A, min(chunk_size, length), _MAX_SPAN[u.dtype])
+    # Zero steps neither decay nor add input, so padding to whole chunks does not change the result.
+    pad = (-length) % chunk_size
+    u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
+    # Segments bound the (b, D, N, L)-sized intermediates; in training with several segments each is
+    # recomputed in backward, keeping memory at O(b * D * L) plus one segment.
+    per_step = batch * dim * d_state
+    seg_len = max(chunk_size, (_SEGMENT_ELEMENTS // per_step) // chunk_size * chunk_size)
+    remat = (seg_len < u.shape[-1] and torch.is_grad_enabled()
+             and any(t.requires_grad for t in (u, delta, A, B, C)))
     h = u.new_zeros(batch, groups, heads, d_state)
-    if remat:
-        ys = []
-    else:  # one preallocated output instead of many small ones that each touch fresh pages
-        y_all = u.new_empty(n_chunks, batch, groups, heads, chunk_size)
-    for i, start, end in pieces:
-        if start == 0 and end == chunk_size:
-            args = (rel[i], inputs[i], B[i], C[i], A2, carry[i], h)
-        else:
-            piece_rel, piece_inputs, piece_carry = _chunk_terms(u[i, ..., start:end], delta[i, ..., start:end], A2)
-            args = (piece_rel, piece_inputs, B[i, ..., start:end], C[i, ..., start:end], A2, piece_carry, h)
-        if remat:
-            y, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
-            ys.append(y)
-        else:
-            _, h = _scan_chunk(*args, out=y_all[i, ..., start:end])
-    y = torch.cat(ys, -1) if remat else y_all.movedim(0, -2).flatten(-2)
-    return y[..., :length].reshape(batch, dim, length)
+    ys = []
+    for start in range(0, u.shape[-1], seg_len):
+        part = slice(start, start + seg_len)
+        args = (u[..., part], delta[..., part], A, B[..., part], C[..., part], h, chunk_size)
+        y, h = checkpoint(_segment_scan, *args, use_reentrant=False) if remat else _segment_scan(*args)
+        ys.append(y)
+    return torch.cat(ys, -1)[..., :length].reshape(batch, dim, length)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
