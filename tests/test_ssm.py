@@ -205,3 +205,12 @@ def test_long_scan_memory_is_bounded():
     full_state_mb = 64 * 16 * 100_000 * 4 / 2**20
     assert report["peak_increase_mb"] < full_state_mb, report
     assert math.isfinite(report["peak_increase_mb"])
+
+
+def test_inference_and_training_paths_agree():
+    inputs = make_inputs(2, 8, 16, 3000, 2, seed=3)
+    with torch.no_grad():
+        inference = selective_scan(**inputs)
+    training = selective_scan(**leaf_copies(inputs))
+    assert training.requires_grad
+    torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-5 * inference.abs().max().item())
