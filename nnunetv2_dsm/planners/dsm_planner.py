@@ -7,9 +7,12 @@ network with its decoder arguments, and the label manager for the sigmoid-region
 
 from typing import Any
 
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
     nnUNetPlannerResEncM,
 )
+from nnunetv2.paths import nnUNet_raw
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
 from nnunetv2_dsm.dataset_checks import check_dsm_dataset_json
 
@@ -35,9 +38,11 @@ class DSMPlanner(nnUNetPlannerResEncM):
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "DSMPlans",
                  overwrite_target_spacing=None, suppress_transpose: bool = False):
+        # Checked before nnU-Net's own set-up so a dataset DSM cannot use fails with DSM's explanation.
+        dataset_json_file = join(nnUNet_raw, maybe_convert_to_dataset_name(dataset_name_or_id), "dataset.json")
+        check_dsm_dataset_json(load_json(dataset_json_file), dataset_json_file)
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
-        check_dsm_dataset_json(self.dataset_json, f"{self.raw_dataset_folder}/dataset.json")
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
                                     _cache) -> dict:
