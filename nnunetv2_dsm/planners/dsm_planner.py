@@ -77,5 +77,5 @@ class DSMPlannerCPU(DSMPlanner):
         self.UNet_max_features_2d = 64
         self.UNet_blocks_per_stage_encoder = (1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2)
         # Reference values scaled so the VRAM heuristic settles on patches of about 64^3 / 128^2.
-        self.UNet_reference_val_3d = 25_000_000
+        self.UNet_reference_val_3d = 12_000_000
         self.UNet_reference_val_2d = 1_500_000
