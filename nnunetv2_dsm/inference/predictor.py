@@ -1,0 +1,317 @@
+"""Open-vocabulary DSM prediction from text prompts, with anomaly maps, on top of nnU-Net's predictor.
+
+nnU-Net's ``nnUNetPredictor`` does the preprocessing, sliding window, mirroring and resampling; this
+subclass swaps the model's class set for the embeddings of the given prompts
+(``DSMStage2Network.set_text_embeddings``), turns on the anomaly channel and replaces the label manager
+by one for the K' prompts + the anomaly channel, so nnU-Net's machinery handles K'+1 output channels.
+Per case it writes, in the input image's geometry:
+
+- ``<case>.nii.gz``: label map, id i (1..K', prompt order) where prompt i's probability exceeds 0.5,
+  later prompts winning where several do;
+- ``scores/<case>_<prompt-slug>.nii.gz``: the probability map of every prompt;
+- ``scores/<case>_anomaly.nii.gz``: the anomaly map, ``S = -max`` over the organ channels of the
+  stage-1 logits, min-max normalised over the whole case;
+- ``prompts.json``: the label ids, prompts and the model and encoder used.
+
+Score maps are in ``scores/`` because nnU-Net's evaluation reads every ``.nii.gz`` of a folder as a
+label map. Models without text alignment (stage-1 ``DSMTrainer`` models, the ``_noCLIP`` ablation)
+predict only their trained classes: their prompts must name trained classes.
+"""
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+from torch import Tensor, nn
+from torch._dynamo import OptimizedModule
+from tqdm import tqdm
+
+from nnunetv2_dsm.dataset_checks import class_prompt_names
+from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
+from nnunetv2_dsm.networks.amvp import minmax_per_case
+from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
+from nnunetv2_dsm.text import check_encoder_matches, class_prompt_embeddings, get_text_encoder
+from nnunetv2_dsm.text.factory import spec_hint
+from nnunetv2_dsm.trainers.stage2 import TEXT_CHECKPOINT_KEY, TEXT_JSON, organ_channels
+from nnunetv2_dsm.vocabulary import CANONICAL, prompt_for
+
+ANOMALY = "anomaly"
+SCORES_DIR = "scores"
+
+
+class DSMPredictionError(ValueError):
+    pass
+
+
+def prompt_slug(prompt: str) -> str:
+    """File-name form of a prompt: lower case, runs of other characters -> '_' ("Pancreas Tumor" -> pancreas_tumor)."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.strip().lower()).strip("_")
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """Slugs of ``prompts``; empty, blank, duplicate or reserved prompts are errors."""
+    if isinstance(prompts, str) or not prompts:
+        raise DSMPredictionError(
+            f"give at least one prompt as a list, e.g. --prompts \"pancreas tumor\" liver (got {prompts!r})"
+        )
+    slugs = []
+    for prompt in prompts:
+        slug = prompt_slug(prompt) if isinstance(prompt, str) else ""
+        if not slug:
+            raise DSMPredictionError(
+                f"prompt {prompt!r} is empty or has no letters or digits; give a class name such as 'liver tumor'"
+            )
+        if slug == ANOMALY:
+            raise DSMPredictionError(f"prompt {prompt!r} is reserved: the anomaly map is always written")
+        if slug in slugs:
+            raise DSMPredictionError(f"prompts {prompts} name the same class twice ({slug!r}); give each once")
+        slugs.append(slug)
+    return slugs
+
+
+def class_name_for_prompt(prompt: str) -> str:
+    """Canonical name when the prompt spells one ("pancreas tumor" -> pancreas_tumor), else the text itself."""
+    slug = prompt_slug(prompt)
+    return slug if slug in CANONICAL else prompt.strip()
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
+class TrainedClassSelection(nn.Module):
+    """Output channels ``channels`` of a model without text alignment, plus its anomaly channel.
+
+    ``anomaly_from`` is the channel the wrapped network already appends (``export_anomaly``), or None to
+    compute ``-max`` over ``organ_channels`` of the network's own output (stage-1 networks). Weights load
+    into the wrapped network, so nnU-Net's per-fold ``load_state_dict`` keeps working.
+    """
+
+    def __init__(self, network: nn.Module, channels: list[int], organ: list[int], anomaly_from: int | None) -> None:
+        super().__init__()
+        self.network = network
+        self.register_buffer("channels", torch.tensor(channels, dtype=torch.long), persistent=False)
+        self.register_buffer("organ", torch.tensor(organ, dtype=torch.long), persistent=False)
+        self.anomaly_from = anomaly_from
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, C_in, *S) -> (B, K' + 1, *S)
+        out = self.network(x)
+        if self.anomaly_from is None:
+            anomaly = -out[:, self.organ].amax(dim=1, keepdim=True)
+        else:
+            anomaly = out[:, self.anomaly_from : self.anomaly_from + 1]
+        return torch.cat([out[:, self.channels], anomaly], dim=1)
+
+
+def _write_atomic(image: sitk.Image, path: Path) -> None:
+    # The temporary name keeps the .nii.gz suffix: SimpleITK picks the format from it.
+    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp-{os.getpid()}.nii.gz")
+    try:
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _to_image(array: np.ndarray, properties: dict) -> sitk.Image:
+    geometry = properties["sitk_stuff"]
+    if len(geometry["spacing"]) == 2:
+        array = array[0]
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(geometry["spacing"])
+    image.SetOrigin(geometry["origin"])
+    image.SetDirection(geometry["direction"])
+    return image
+
+
+class DSMPredictor(nnUNetPredictor):
+    """nnU-Net predictor for DSM models with text prompts; see the module docstring.
+
+    Use ``initialize_from_trained_model_folder(model_folder, folds, checkpoint)`` and then
+    ``predict_folder(input_folder, output_folder)``.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        text_encoder: str | None = None,
+        tile_step_size: float = 0.5,
+        use_mirroring: bool = True,
+        device: torch.device = torch.device("cuda"),
+        allow_tqdm: bool = True,
+    ) -> None:
+        self.slugs = check_prompts(prompts)
+        self.prompts = [p.strip() for p in prompts]
+        self.text_encoder_spec = text_encoder
+        self.encoder_id: str | None = None
+        super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                         perform_everything_on_device=device.type == "cuda", device=device, allow_tqdm=allow_tqdm)
+
+    def initialize_from_trained_model_folder(
+        self, model_training_output_dir: str, use_folds: tuple[int | str, ...] | None,
+        checkpoint_name: str = "checkpoint_final.pth",
+    ) -> None:
+        model_folder = Path(model_training_output_dir)
+        if not (model_folder / "plans.json").is_file():
+            raise DSMPredictionError(
+                f"{model_folder} is not a trained nnU-Net model folder (no plans.json); pass the folder "
+                "<nnUNet_results>/<Dataset>/<Trainer>__<Plans>__<configuration>."
+            )
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(str(model_folder), checkpoint_name)
+            if not use_folds:
+                raise DSMPredictionError(f"{model_folder}: no fold_*/{checkpoint_name} found; train the model first.")
+        super().initialize_from_trained_model_folder(str(model_folder), use_folds, checkpoint_name)
+        network = _unwrap(self.network)
+        trained = list(class_prompt_names(self.dataset_json).values())
+        organ = organ_channels(self.dataset_json)
+        if isinstance(network, DSMStage2Network) and network.tumour_decoder.class_embeddings is None:
+            fold = use_folds[0] if isinstance(use_folds, (list, tuple)) else use_folds
+            record = self._text_record(model_folder / f"fold_{fold}", checkpoint_name)
+            embeddings = self._embed(record)
+            network.set_text_embeddings(embeddings)
+            network.export_anomaly = True
+            key = next(k for k in network.state_dict() if k.endswith("seg_layers.text_embeddings"))
+            for params in self.list_of_parameters:
+                params[key] = embeddings
+        else:
+            channels = self._trained_channels(trained)
+            if isinstance(network, DSMStage2Network):
+                network.export_anomaly = True
+                self.network = TrainedClassSelection(network, channels, organ, anomaly_from=len(trained))
+            else:
+                self.network = TrainedClassSelection(network, channels, organ, anomaly_from=None)
+        self.network.eval()
+        labels = {"background": 0, **{slug: i + 1 for i, slug in enumerate(self.slugs)},
+                  ANOMALY: len(self.slugs) + 1}
+        self.label_manager = DSMLabelManager(labels, None)
+        if self.plans_manager.image_reader_writer_class is not SimpleITKIO:
+            raise DSMPredictionError(
+                f"{model_folder / 'plans.json'}: image_reader_writer is "
+                f"{self.plans_manager.image_reader_writer_class.__name__}; DSM score maps are written with "
+                "SimpleITKIO (NIfTI/NRRD/MHA inputs). Plan the dataset with images nnU-Net reads via SimpleITKIO."
+            )
+
+    def _text_record(self, fold_folder: Path, checkpoint_name: str) -> dict:
+        path = fold_folder / TEXT_JSON
+        if path.is_file():
+            return json.loads(path.read_text())
+        checkpoint = torch.load(fold_folder / checkpoint_name, map_location="cpu", weights_only=False)
+        if TEXT_CHECKPOINT_KEY not in checkpoint:
+            raise DSMPredictionError(
+                f"{fold_folder}: neither {TEXT_JSON} nor a '{TEXT_CHECKPOINT_KEY}' entry in {checkpoint_name}; "
+                "the model was not trained by a DSMTrainerStage2 trainer, or the fold folder is incomplete."
+            )
+        return checkpoint[TEXT_CHECKPOINT_KEY]
+
+    def _embed(self, record: dict) -> Tensor:
+        stored_id = record["encoder_id"]
+        spec = self.text_encoder_spec or record.get("encoder_spec") or spec_hint(stored_id)
+        encoder = get_text_encoder(spec)
+        check_encoder_matches(stored_id, encoder)
+        self.encoder_id = encoder.encoder_id
+        return class_prompt_embeddings(encoder, [class_name_for_prompt(p) for p in self.prompts])
+
+    def _trained_channels(self, trained: list[str]) -> list[int]:
+        by_slug = {prompt_slug(name): i for i, name in enumerate(trained)}
+        by_slug.update({prompt_slug(CANONICAL.get(name, name)): i for i, name in enumerate(trained)})
+        unknown = [p for p, s in zip(self.prompts, self.slugs) if s not in by_slug]
+        if unknown:
+            raise DSMPredictionError(
+                f"this model has no text alignment (a stage-1 DSMTrainer or _noCLIP model), so it predicts only "
+                f"its trained classes {trained}; prompts {unknown} are not among them. Use a DSMTrainerStage2 "
+                "model for new class names."
+            )
+        return [by_slug[s] for s in self.slugs]
+
+    def predict_folder(self, input_folder: str | Path, output_folder: str | Path) -> list[str]:
+        """Predict every case of ``input_folder`` (nnU-Net naming, ``<case>_0000.nii.gz``); returns case ids."""
+        input_folder, output_folder = Path(input_folder), Path(output_folder)
+        if not input_folder.is_dir():
+            raise DSMPredictionError(f"input folder {input_folder} does not exist")
+        if output_folder.resolve() == input_folder.resolve():
+            raise DSMPredictionError(
+                f"output folder {output_folder} is the input folder; predictions would sit among (and could "
+                "overwrite) the input images. Give a separate output folder."
+            )
+        ending = self.dataset_json["file_ending"]
+        cases = create_lists_from_splitted_dataset_folder(str(input_folder), ending)
+        if not cases:
+            raise DSMPredictionError(
+                f"{input_folder} holds no images named <case>_0000{ending} (nnU-Net's naming, one file per channel)"
+            )
+        inputs = {Path(f).resolve() for files in cases for f in files}
+        (output_folder / SCORES_DIR).mkdir(parents=True, exist_ok=True)
+        self._write_prompts_json(output_folder)
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        done = []
+        for files in tqdm(cases, desc="DSM predict", unit="case", disable=not self.allow_tqdm):
+            case = os.path.basename(files[0])[: -(len(ending) + 5)]
+            targets = self._output_paths(output_folder, case)
+            clash = [t for t in targets if t.resolve() in inputs]
+            if clash:
+                raise DSMPredictionError(f"output {clash[0]} is an input file; choose another output folder")
+            data, _, properties = preprocessor.run_case(
+                files, None, self.plans_manager, self.configuration_manager, self.dataset_json
+            )
+            logits = self.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
+            self._export(logits, properties, targets)
+            done.append(case)
+        return done
+
+    def _output_paths(self, output_folder: Path, case: str) -> list[Path]:
+        scores = output_folder / SCORES_DIR
+        return [output_folder / f"{case}.nii.gz", *[scores / f"{case}_{s}.nii.gz" for s in self.slugs],
+                scores / f"{case}_{ANOMALY}.nii.gz"]
+
+    def _write_prompts_json(self, output_folder: Path) -> None:
+        info = {
+            "labels": {"background": 0, **{s: i + 1 for i, s in enumerate(self.slugs)}},
+            "prompts": [
+                {"id": i + 1, "prompt": p, "slug": s, "text": prompt_for(class_name_for_prompt(p)),
+                 "probability_map": f"{SCORES_DIR}/<case>_{s}.nii.gz"}
+                for i, (p, s) in enumerate(zip(self.prompts, self.slugs))
+            ],
+            "label_map": "<case>.nii.gz: id of the last prompt whose probability exceeds 0.5",
+            "anomaly_map": f"{SCORES_DIR}/<case>_{ANOMALY}.nii.gz: -max organ logit, min-max normalised per case",
+            "trainer": self.trainer_name,
+            "text_encoder": self.encoder_id,
+        }
+        tmp = output_folder / f".prompts.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, output_folder / "prompts.json")
+
+    def _export(self, logits: Tensor, properties: dict, targets: list[Path]) -> None:
+        # logits: (K' + 1, *S_preprocessed); the last channel is the raw anomaly score
+        spacing = [properties["spacing"][i] for i in self.plans_manager.transpose_forward]
+        shape = properties["shape_after_cropping_and_before_resampling"]
+        current = (self.configuration_manager.spacing if len(self.configuration_manager.spacing) == len(shape)
+                   else [spacing[0], *self.configuration_manager.spacing])
+        logits = torch.as_tensor(
+            self.configuration_manager.resampling_fn_probabilities(logits, shape, current, spacing)
+        ).float()
+        probabilities = torch.sigmoid(logits[:-1])
+        anomaly = minmax_per_case(logits[-1:])[0]
+        labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8)
+        for i, p in enumerate(probabilities):
+            labels[p > 0.5] = i + 1
+        volumes = [labels.numpy(), *probabilities.numpy(), anomaly.numpy()]
+        for volume, target in zip(volumes, targets):
+            full = np.zeros(properties["shape_before_cropping"], dtype=volume.dtype)
+            full = insert_crop_into_image(full, volume, properties["bbox_used_for_cropping"])
+            full = np.ascontiguousarray(full.transpose(self.plans_manager.transpose_backward))
+            _write_atomic(_to_image(full, properties), target)

@@ -1,0 +1,251 @@
+"""DSM stage-2 network: stage-1 DSM plus tumour queries, AMVP, DQR and text-aligned open-vocabulary output.
+
+The stage-1 part (encoder, pixel decoder, one query per dataset class refined by the kMMM layers) keeps
+its parameter names and shapes. Everything stage 2 adds lives under ``stage2.seg_layers``: nnU-Net's
+``load_pretrained_weights`` (``nnUNetv2_train -pretrained_weights``) requires every key of the new
+network to exist with the same shape in the checkpoint, except keys containing ``.seg_layers.`` (the
+task-specific heads it re-initialises when fine-tuning). Naming the stage-2 heads that way lets a
+stage-1 checkpoint initialise the stage-1 part through the stock command while the stage-2 modules keep
+their fresh initialisation. (A stage-2 checkpoint used as ``-pretrained_weights`` likewise transfers only
+its stage-1 part.)
+
+Per kMMM level l (coarse to fine), with F_l the level's feature and M_l the post-SSM responses:
+
+1. AMVP prompt from the organ channels of M_l (``S = -max_n M_l,n``, min-max per case, ``S > 0.5``);
+2. a DQR layer: guided diffusion of F_l (guide: the previous level's fused feature), masked
+   cross-attention of the tumour queries restricted to the prompt, self-attention with the organ
+   queries of that level, FFN.
+
+Then masks m_q for all queries [stage-1 queries; tumour queries] from the pixel embedding, class
+probabilities p_q(c) = softmax_c(cos(proj(q), t_c) / tau) over the K text embeddings t, and the output
+``semantic_logits(m, p)`` (B, K, *S): logits, nnU-Net applies the sigmoid.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nnunetv2_dsm.networks.alignment import TextAlignmentHead, semantic_logits
+from nnunetv2_dsm.networks.amvp import AnomalyMaskPrompt
+from nnunetv2_dsm.networks.dqr import DQRLayer
+from nnunetv2_dsm.networks.dsm_network import DSMNetwork, LazyExtras
+
+# Settings stage 2 adds to the DSM decoder arch_kwargs (paper: 20 tumour queries, tau = 0.01).
+STAGE2_DEFAULTS: dict[str, Any] = {
+    "num_tumour_queries": 20,
+    "text_dim": 384,
+    "temperature": 0.01,
+    "dqr_steps": 3,
+    "use_amvp": True,
+    "use_dqr": True,
+    "use_text": True,
+    "organ_channels": None,
+}
+
+
+class PlainFeature(nn.Module):
+    """Stands in for the guided diffusion in the no-DQR ablation: key/value is the plain feature."""
+
+    def forward(self, f: Tensor, guide: Tensor | None = None) -> Tensor:
+        # f: (B, C, *S) -> (B, C, *S)
+        return f
+
+
+class TumourQueryDecoder(nn.Module):
+    """The modules stage 2 adds: tumour queries, AMVP, one DQR layer per level, text alignment.
+
+    Buffers: ``text_embeddings`` (K, text_dim), persistent (saved with the weights, set from the text
+    encoder by the trainer, swapped by ``set_text_embeddings`` for open-vocabulary prediction) and
+    ``organ_index`` (indices of the stage-1 channels that are organs, not persistent: it comes from the
+    plans). With ``use_text=False`` learned class embeddings replace the text (the ``_noCLIP`` ablation).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_levels: int,
+        query_dim: int,
+        num_tumour_queries: int,
+        text_dim: int,
+        temperature: float,
+        dqr_steps: int,
+        num_heads: int,
+        ffn_dim: int,
+        use_amvp: bool,
+        use_dqr: bool,
+        use_text: bool,
+        organ_channels: Sequence[int] | None,
+    ) -> None:
+        super().__init__()
+        if num_tumour_queries < 1:
+            raise ValueError(f"num_tumour_queries must be >= 1 (got {num_tumour_queries}): fix arch_kwargs.")
+        organ = list(range(num_classes)) if organ_channels is None else [int(c) for c in organ_channels]
+        if not organ or any(not 0 <= c < num_classes for c in organ) or len(set(organ)) != len(organ):
+            raise ValueError(
+                f"organ_channels must be distinct channel indices in [0, {num_classes}) and not empty, got "
+                f"{organ_channels}: list the stage-1 output channels that are organ classes (None = all)."
+            )
+        self.use_amvp = use_amvp
+        self.use_text = use_text
+        self.queries = nn.Embedding(num_tumour_queries, query_dim)
+        self.amvp = AnomalyMaskPrompt()
+        self.dqr_layers = nn.ModuleList(
+            [
+                DQRLayer(query_dim, None, num_heads=num_heads, ffn_dim=ffn_dim, diffusion_steps=dqr_steps)
+                for _ in range(num_levels)
+            ]
+        )
+        if not use_dqr:
+            for layer in self.dqr_layers:
+                layer.diffusion = PlainFeature()
+        self.alignment = TextAlignmentHead(query_dim, text_dim, temperature)
+        self.register_buffer("text_embeddings", torch.zeros(num_classes, text_dim))
+        self.class_embeddings = nn.Parameter(torch.randn(num_classes, text_dim)) if not use_text else None
+        self.register_buffer("organ_index", torch.tensor(organ, dtype=torch.long), persistent=False)
+
+    def class_vectors(self) -> Tensor:
+        """Class embeddings the queries are compared to: (K, text_dim)."""
+        return self.text_embeddings if self.class_embeddings is None else self.class_embeddings
+
+
+class DSMStage2Network(DSMNetwork):
+    """DSM stage 2; see the module docstring.
+
+    ``forward(x)`` returns ``semantic`` (B, K, *S) logits, or with deep supervision
+    ``[semantic, stage-1 final (B, K, *S), stage-1 responses fine to coarse]``. With ``export_anomaly``
+    set (off by default, so ``nnUNetv2_predict`` sees K channels) one more channel is appended to the
+    non-deep-supervision output: the anomaly score ``S = -max`` over the organ channels of the stage-1
+    final logits at full resolution. S is itself a logit (``sigmoid(S) = 1 - max_n sigmoid(l_n)``, the
+    probability of no known organ) and is left unnormalised so that sliding-window tiles can be
+    averaged; the per-case min-max normalisation happens once the whole case is stitched
+    (``nnunetv2_dsm.inference.predictor``).
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        num_classes: int,
+        n_stages: int,
+        features_per_stage: int | list[int] | tuple[int, ...],
+        conv_op: type[nn.Module],
+        kernel_sizes: int | list | tuple,
+        strides: int | list | tuple,
+        n_blocks_per_stage: int | list[int] | tuple[int, ...],
+        n_conv_per_stage_decoder: int | list[int] | tuple[int, ...],
+        conv_bias: bool = False,
+        norm_op: type[nn.Module] | None = None,
+        norm_op_kwargs: dict | None = None,
+        dropout_op: type[nn.Module] | None = None,
+        dropout_op_kwargs: dict | None = None,
+        nonlin: type[nn.Module] | None = None,
+        nonlin_kwargs: dict | None = None,
+        deep_supervision: bool = False,
+        num_kmmm_layers: int = 4,
+        query_dim: int = 128,
+        ssm_d_state: int = 16,
+        ssm_expand: int = 2,
+        ssm_bidirectional: bool = True,
+        use_kmeans: bool = True,
+        use_ssm: bool = True,
+        ffn_dim: int = 256,
+        num_heads: int = 4,
+        num_tumour_queries: int = 20,
+        text_dim: int = 384,
+        temperature: float = 0.01,
+        dqr_steps: int = 3,
+        use_amvp: bool = True,
+        use_dqr: bool = True,
+        use_text: bool = True,
+        organ_channels: list[int] | None = None,
+    ) -> None:
+        super().__init__(
+            input_channels, num_classes, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+            n_blocks_per_stage, n_conv_per_stage_decoder, conv_bias, norm_op, norm_op_kwargs, dropout_op,
+            dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision, num_kmmm_layers, query_dim, ssm_d_state,
+            ssm_expand, ssm_bidirectional, use_kmeans, use_ssm, ffn_dim, num_heads,
+        )
+        self.export_anomaly = False
+        # ModuleDict only to give the stage-2 keys the ``.seg_layers.`` infix (module docstring).
+        self.stage2 = nn.ModuleDict(
+            {
+                "seg_layers": TumourQueryDecoder(
+                    num_classes, len(self.kmmm_layers), query_dim, num_tumour_queries, text_dim, temperature,
+                    dqr_steps, num_heads, ffn_dim, use_amvp, use_dqr, use_text, organ_channels,
+                )
+            }
+        )
+
+    @property
+    def tumour_decoder(self) -> TumourQueryDecoder:
+        return self.stage2["seg_layers"]
+
+    @staticmethod
+    def deep_supervision_stages(n_stages: int, num_kmmm_layers: int) -> list[int]:
+        """Encoder stage of each deep-supervision output: the semantic output, then stage 1's outputs."""
+        return [0] + DSMNetwork.deep_supervision_stages(n_stages, num_kmmm_layers)
+
+    @property
+    def num_prompt_classes(self) -> int:
+        """K of the semantic output: rows of the current text (or learned class) embeddings."""
+        return self.tumour_decoder.class_vectors().shape[0]
+
+    def set_text_embeddings(self, embeddings: Tensor) -> None:
+        """Replace the class set by ``embeddings`` (K', text_dim); the output then has K' channels."""
+        head = self.tumour_decoder
+        if head.class_embeddings is not None:
+            raise ValueError(
+                "this DSM stage-2 model was trained without text alignment (use_text=False, the _noCLIP "
+                "ablation): its classes are learned vectors, so it cannot take text prompts."
+            )
+        dim = head.alignment.text_dim
+        if embeddings.ndim != 2 or embeddings.shape[0] < 1 or embeddings.shape[1] != dim:
+            raise ValueError(
+                f"text embeddings must be (K >= 1, {dim}), got {tuple(embeddings.shape)}: embed the prompts "
+                "with the text encoder the model was trained with."
+            )
+        head.text_embeddings = embeddings.detach().to(head.text_embeddings.device, torch.float32).clone()
+
+    def forward(
+        self, x: Tensor, return_extras: bool = False
+    ) -> Tensor | list[Tensor] | tuple[Any, LazyExtras]:
+        # x: (B, C_in, *S) -> (B, K(+1), *S) | [(B, K, *S), (B, K, *S), (B, K, *S_l) fine to coarse] (+ extras)
+        head = self.tumour_decoder
+        features, last_stage = self.decoder(self.encoder(x))
+        q = self.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+        tumour = head.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
+        responses = []
+        guide = None
+        for kmmm, dqr, f in zip(self.kmmm_layers, head.dqr_layers, features):
+            q, m = kmmm(q, f)
+            responses.append(m)
+            prompt = head.amvp(m[:, head.organ_index], f.shape[2:])[1] if head.use_amvp else None
+            tumour, _, guide = dqr(tumour, q, f, guide, prompt)
+        all_queries = torch.cat([q, tumour], dim=1)
+        masks = self.decoder.pixel_proj(all_queries, last_stage)
+        final = masks[:, : self.num_classes]
+        class_logits = head.alignment(all_queries, head.class_vectors())
+        semantic = semantic_logits(masks, class_logits.softmax(dim=-1))
+        if self.deep_supervision:
+            output = [semantic, final, *responses[::-1]]
+        elif self.export_anomaly:
+            anomaly = -final[:, head.organ_index].amax(dim=1, keepdim=True)
+            output = torch.cat([semantic, anomaly.to(semantic.dtype)], dim=1)
+        else:
+            output = semantic
+        if not return_extras:
+            return output
+        extras = LazyExtras(
+            {
+                "queries": q,
+                "class_logits": self.class_head(q),
+                "responses": responses,
+                "features": features,
+                "tumour_queries": tumour,
+                "text_class_logits": class_logits,
+                "stage1_logits": final,
+            },
+            {"pixel_embedding": lambda: self.decoder.pixel_embedding(last_stage)},
+        )
+        return output, extras

@@ -1,0 +1,200 @@
+"""DSM stage-2 trainers: tumour queries, AMVP, DQR and text alignment on top of a stage-1 model.
+
+Train stage 1 with ``DSMTrainer``, then stage 2 from its weights with the stock command::
+
+    nnUNetv2_train D 3d_fullres 0 -tr DSMTrainerStage2 -p DSMPlans \
+        -pretrained_weights .../DSMTrainer__DSMPlans__3d_fullres/fold_0/checkpoint_final.pth
+
+Both stages must use the same dataset classes (one stage-1 query per class). The deep-supervision
+outputs after the semantic one are the stage-1 outputs on all K classes, so the partial-label loss keeps
+training the organ queries and stage 2 does not forget them.
+
+The text encoder (class attribute ``text_encoder_spec``, env var ``DSM_TEXT_ENCODER`` overrides) embeds
+the dataset's class prompts; the network's embedding width and organ channels are written into this
+trainer's copy of the plans (``plans.json`` of the results folder), so ``nnUNetv2_predict`` and the
+DSM predictor rebuild the same network, and the embeddings are stored in every checkpoint (key
+``dsm_text``) and in ``<fold folder>/dsm_text.json`` + ``dsm_text_embeddings.pt``.
+"""
+
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunetv2_dsm.dataset_checks import class_prompt_names
+from nnunetv2_dsm.networks.dsm_stage2 import STAGE2_DEFAULTS, DSMStage2Network
+from nnunetv2_dsm.text import class_prompt_embeddings, get_text_encoder
+from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
+from nnunetv2_dsm.trainers.variants import _NoMirroring, _ShortSchedule
+from nnunetv2_dsm.vocabulary import is_tumour, prompt_for
+
+STAGE2_NETWORK = f"{DSMStage2Network.__module__}.{DSMStage2Network.__name__}"
+TEXT_CHECKPOINT_KEY = "dsm_text"
+TEXT_JSON = "dsm_text.json"
+TEXT_EMBEDDINGS = "dsm_text_embeddings.pt"
+TEXT_ENCODER_ENV = "DSM_TEXT_ENCODER"
+
+
+def organ_channels(dataset_json: dict) -> list[int]:
+    """Output channels (foreground label order) whose class is not a tumour type; all when none is."""
+    names = list(class_prompt_names(dataset_json).values())
+    organs = [i for i, name in enumerate(names) if not is_tumour(name)]
+    return organs or list(range(len(names)))
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(data: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+class _TextCheckpoint(nnUNetTrainer):
+    """Adds ``self.text_record()`` to the file nnU-Net's save_checkpoint writes.
+
+    Sits between DSMTrainer and nnUNetTrainer in the MRO, so the key is added to DSMTrainer's temporary
+    file before DSMTrainer renames it: the final checkpoint appears once, complete.
+    """
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and os.path.isfile(filename):
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[TEXT_CHECKPOINT_KEY] = self.text_record()
+            torch.save(checkpoint, filename)
+
+
+class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
+    """Stage-2 training; see the module docstring."""
+
+    text_encoder_spec: str = "minilm"
+    # nnU-Net's SGD default is 1e-2; stage 2 fine-tunes a trained stage-1 model (paper: lower stage-2 lr).
+    stage2_initial_lr: float = 1e-3
+    stage2_kwargs: dict = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.encoder_spec = os.environ.get(TEXT_ENCODER_ENV) or self.text_encoder_spec
+        self.text_encoder = get_text_encoder(self.encoder_spec)
+        plans = self._plans_with_stage2_kwargs(plans, configuration, dataset_json, self.text_encoder.dim)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.stage2_initial_lr
+        self.prompt_names = list(class_prompt_names(dataset_json).values())
+        self.text_embeddings = class_prompt_embeddings(self.text_encoder, self.prompt_names)
+
+    def _plans_with_stage2_kwargs(self, plans: dict, configuration: str, dataset_json: dict, text_dim: int) -> dict:
+        """A copy of the plans whose configuration carries the stage-2 arch_kwargs (text_dim, organ channels)."""
+        plans = copy.deepcopy(plans)
+        resolved = PlansManager(plans).get_configuration(configuration).configuration
+        architecture = copy.deepcopy(resolved["architecture"])
+        architecture["arch_kwargs"] = {
+            **STAGE2_DEFAULTS,
+            **architecture["arch_kwargs"],
+            **self.stage2_kwargs,
+            "text_dim": text_dim,
+            "organ_channels": organ_channels(dataset_json),
+        }
+        plans["configurations"][configuration]["architecture"] = architecture
+        return plans
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        return get_network_from_plans(
+            STAGE2_NETWORK,
+            {**STAGE2_DEFAULTS, **configuration_manager.network_arch_init_kwargs, **cls.arch_overrides},
+            configuration_manager.network_arch_init_kwargs_req_import,
+            num_input_channels,
+            num_output_channels,
+            allow_init=True,
+            deep_supervision=enable_deep_supervision,
+        )
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        arch = self.configuration_manager.network_arch_init_kwargs
+        cumulative = 1 / np.cumprod(np.vstack(self.configuration_manager.pool_op_kernel_sizes), axis=0)
+        stages = DSMStage2Network.deep_supervision_stages(arch["n_stages"], arch["num_kmmm_layers"])
+        return [list(cumulative[s]) for s in stages]
+
+    def initialize(self) -> None:
+        first = not self.was_initialized
+        super().initialize()
+        if first:
+            network = self._unwrapped_network()
+            if network.tumour_decoder.class_embeddings is None:
+                network.set_text_embeddings(self.text_embeddings)
+            if self.local_rank == 0:
+                self._write_text_record()
+
+    def text_record(self) -> dict:
+        """Encoder id, class names, prompts and embeddings (K, D) the model was trained with."""
+        return {
+            "encoder_id": self.text_encoder.encoder_id,
+            "encoder_spec": self.encoder_spec,
+            "class_names": self.prompt_names,
+            "prompts": [prompt_for(name) for name in self.prompt_names],
+            "embeddings": self.text_embeddings.clone(),
+        }
+
+    def _write_text_record(self) -> None:
+        record = self.text_record()
+        embeddings = record.pop("embeddings")
+        record["embeddings_file"] = TEXT_EMBEDDINGS
+        record["dim"] = int(embeddings.shape[1])
+        os.makedirs(self.output_folder, exist_ok=True)
+        _atomic_write(os.path.join(self.output_folder, TEXT_EMBEDDINGS), lambda p: torch.save(embeddings, p))
+        _atomic_write(os.path.join(self.output_folder, TEXT_JSON), lambda p: _write_json(record, p))
+
+
+class DSMTrainerStage2_noAMVP(DSMTrainerStage2):
+    """Ablation: tumour queries attend everywhere (no anomaly mask prompt)."""
+
+    arch_overrides = {"use_amvp": False}
+
+
+class DSMTrainerStage2_noDQR(DSMTrainerStage2):
+    """Ablation: no guided feature diffusion; the tumour queries attend to the plain feature."""
+
+    arch_overrides = {"use_dqr": False}
+
+
+class DSMTrainerStage2_noCLIP(DSMTrainerStage2):
+    """Ablation: learned class embeddings instead of text embeddings (no open-vocabulary prompts)."""
+
+    arch_overrides = {"use_text": False}
+
+
+class DSMTrainerStage2_2epochs(_ShortSchedule, DSMTrainerStage2):
+    """Two epochs of five iterations: a smoke run of stage 2."""
+
+
+class DSMTrainerStage2_2epochs_NoMirroring(_NoMirroring, DSMTrainerStage2_2epochs):
+    """The CPU smoke run of stage 2."""
+
+
+class DSMTrainerStage2_10epochs_NoMirroring(_NoMirroring, _ShortSchedule, DSMTrainerStage2):
+    epochs = 10
+    iterations = 10
+
+
+class DSMTrainerStage2_tiny_NoMirroring(_NoMirroring, _ShortSchedule, DSMTrainerStage2):
+    """One epoch of two iterations with 4 tumour queries and one diffusion step: for tests on CPU."""
+
+    epochs = 1
+    iterations = 2
+    stage2_kwargs = {"num_tumour_queries": 4, "dqr_steps": 1}
