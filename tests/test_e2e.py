@@ -8,8 +8,11 @@ trained briefly with a DSM trainer, predicted with ``nnUNetv2_predict`` and eval
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ DATASET_ID = "990"
 DATASET = "Dataset990_TSExample"
 TRAINER = "DSMTrainer_2epochs_NoMirroring"
 PLANS = "DSMPlansCPU"
-CLASSES = ["spleen", "kidney_right", "kidney_left", "liver", "stomach", "aorta"]
+CLASSES = ["spleen", "kidney_right", "liver", "aorta", "colon", "bladder", "femur_head_left"]
 
 
 def _run(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -140,3 +143,96 @@ def test_dsm_trainer_refuses_other_plans(nnunet_env, trained: Path) -> None:
                           "-p", "OtherPlans", "-device", "cpu"], env=nnunet_env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "needs plans made by a DSM planner" in out.stderr and "-pl DSMPlanner" in out.stderr
+
+
+def test_killed_training_resumes_with_continue(nnunet_env, trained: Path) -> None:
+    """SIGKILL in the middle of an epoch, then nnU-Net's --c finishes the run from the last checkpoint."""
+    fold = trained / "fold_1"
+    cmd = [str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "1", "-tr", TRAINER, "-p", PLANS, "-device", "cpu"]
+    proc = subprocess.Popen(cmd, env=nnunet_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while not (fold / "checkpoint_latest.pth").exists():
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 15 minutes"
+            time.sleep(1)
+        time.sleep(3)  # now inside the second epoch
+        assert proc.poll() is None, "training must still be running when it is killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (fold / "checkpoint_final.pth").exists()
+    assert not list(fold.glob("*.tmp-*")), "no half-written checkpoint"
+    import torch
+
+    assert torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
+
+    _run(cmd + ["--c"], nnunet_env)
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2
+    assert (fold / "validation" / "summary.json").is_file()
+
+
+def test_atomic_checkpoint_survives_a_failed_save(nnunet_env, trained: Path, tmp_path: Path) -> None:
+    """A save that dies half-way (disk full, kill) leaves the previous checkpoint intact and no debris."""
+    target = tmp_path / "checkpoint_latest.pth"
+    script = textwrap.dedent(f"""
+        import os, torch
+        from nnunetv2.run.run_training import get_trainer_from_args
+        trainer = get_trainer_from_args('{DATASET_ID}', '3d_fullres', 0, '{TRAINER}', '{PLANS}',
+                                        device=torch.device('cpu'))
+        trainer.initialize()
+        trainer.save_checkpoint({str(target)!r})
+        before = open({str(target)!r}, 'rb').read()
+
+        def crash(obj, f, *args, **kwargs):
+            with open(f, 'wb') as handle:
+                handle.write(b'partial')
+            raise OSError('disk full')
+
+        torch.save = crash
+        try:
+            trainer.save_checkpoint({str(target)!r})
+        except OSError as err:
+            assert 'disk full' in str(err)
+        else:
+            raise AssertionError('the failed save must raise')
+        assert open({str(target)!r}, 'rb').read() == before, 'previous checkpoint changed'
+        assert sorted(os.listdir({str(tmp_path)!r})) == ['checkpoint_latest.pth'], os.listdir({str(tmp_path)!r})
+        print('ATOMIC OK')
+    """)
+    out = _run([sys.executable, "-c", script], nnunet_env)
+    assert "ATOMIC OK" in out.stdout
+
+
+def test_predictions_are_reproducible(nnunet_env, trained: Path, tmp_path: Path) -> None:
+    raw = Path(nnunet_env["nnUNet_raw"]) / DATASET
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "tsexample_dicom_0000.nii.gz").symlink_to(raw / "imagesTr" / "tsexample_dicom_0000.nii.gz")
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        _run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
+              "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"], nnunet_env)
+        outputs.append((out / "tsexample_dicom.nii.gz").read_bytes())
+    assert outputs[0] == outputs[1], "two predictions of the same case are byte-identical"
+
+
+def test_seeded_training_repeats_first_iteration_loss(nnunet_env, trained: Path) -> None:
+    script = (
+        "import torch\n"
+        "from nnunetv2.run.run_training import get_trainer_from_args\n"
+        f"t = get_trainer_from_args('{DATASET_ID}', '3d_fullres', 0, '{TRAINER}', '{PLANS}', "
+        "device=torch.device('cpu'))\n"
+        "t.on_train_start()\n"
+        "print('LOSS', float(t.train_step(next(t.dataloader_train))['loss']))\n"
+    )
+    losses = []
+    for seed in ("7", "7", "8"):
+        env = {**nnunet_env, "DSM_SEED": seed, "nnUNet_results": str(Path(nnunet_env["nnUNet_results"]) / f"seed{len(losses)}")}
+        out = _run([sys.executable, "-c", script], env)
+        losses.append(float(out.stdout.split("LOSS")[-1]))
+    assert losses[0] == losses[1], "same seed, same first-iteration loss"
+    assert losses[0] != losses[2], "a different seed gives a different run"

@@ -6,6 +6,7 @@ format and on partial labels are overridden.
 """
 
 import os
+import random
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ class DSMTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         check_dsm_plans(plans, configuration, type(self).__name__)
+        seed_from_environment()
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.class_names = self.label_manager.foreground_names
         self.class_loss = ClassPresenceBCE()
@@ -146,6 +148,24 @@ class DSMTrainer(nnUNetTrainer):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def seed_from_environment() -> None:
+    """Seed Python, NumPy and torch from ``DSM_SEED`` so a CPU run can be repeated exactly.
+
+    Network initialisation, patch sampling and augmentation then repeat; augmentation is only
+    reproducible in the main process (``nnUNet_n_proc_DA=0``), as nnU-Net seeds its workers itself.
+    """
+    value = os.environ.get("DSM_SEED")
+    if value is None:
+        return
+    try:
+        seed = int(value)
+    except ValueError:
+        raise ValueError(f"DSM_SEED must be an integer, got {value!r}") from None
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def check_dsm_plans(plans: dict, configuration: str, trainer_name: str) -> None:

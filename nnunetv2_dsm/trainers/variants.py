@@ -15,6 +15,8 @@ class _ShortSchedule(DSMTrainer):
         self.num_epochs = self.epochs
         self.num_iterations_per_epoch = self.iterations
         self.num_val_iterations_per_epoch = max(1, self.iterations // 2)
+        # A checkpoint after every epoch, so an interrupted short run resumes with --c.
+        self.save_every = 1
 
 
 class _NoMirroring(DSMTrainer):
