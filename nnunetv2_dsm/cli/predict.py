@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from nnunetv2_dsm.checks.inputs import InputError
     from nnunetv2_dsm.inference.predictor import DSMPredictionError, DSMPredictor
     from nnunetv2_dsm.text import EncoderMismatchError, MissingPromptError
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                                  use_mirroring=not args.disable_tta, device=torch.device(args.device))
         predictor.initialize_from_trained_model_folder(str(args.model), folds, args.checkpoint)
         cases = predictor.predict_folder(args.input, args.output)
-    except (DSMPredictionError, EncoderMismatchError, MissingPromptError) as e:
+    except (DSMPredictionError, EncoderMismatchError, MissingPromptError, InputError) as e:
         raise SystemExit(f"predict: {e}") from e
     print(f"predicted {len(cases)} case(s) for prompts {args.prompts} into {args.output}")
     return 0

@@ -30,11 +30,11 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 from torch import Tensor, nn
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
+from nnunetv2_dsm.checks.inputs import check_prediction_inputs
 from nnunetv2_dsm.dataset_checks import class_prompt_names
 from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
 from nnunetv2_dsm.networks.amvp import minmax_per_case
@@ -176,6 +176,8 @@ class DSMPredictor(nnUNetPredictor):
             if not use_folds:
                 raise DSMPredictionError(f"{model_folder}: no fold_*/{checkpoint_name} found; train the model first.")
         super().initialize_from_trained_model_folder(str(model_folder), use_folds, checkpoint_name)
+        # nnU-Net names model folders <Trainer>__<Plans>__<configuration>.
+        self.configuration_name = model_folder.resolve().name.split("__")[-1]
         network = _unwrap(self.network)
         trained = list(class_prompt_names(self.dataset_json).values())
         organ = organ_channels(self.dataset_json)
@@ -249,7 +251,10 @@ class DSMPredictor(nnUNetPredictor):
                 "overwrite) the input images. Give a separate output folder."
             )
         ending = self.dataset_json["file_ending"]
-        cases = create_lists_from_splitted_dataset_folder(str(input_folder), ending)
+        # Every case is checked (readable, channels, NaN/Inf, dimensionality, writable output) before
+        # anything is written.
+        cases = check_prediction_inputs(input_folder, self.dataset_json, self.plans_manager, self.configuration_name,
+                                        output_folder, progress=self.allow_tqdm)
         if not cases:
             raise DSMPredictionError(
                 f"{input_folder} holds no images named <case>_0000{ending} (nnU-Net's naming, one file per channel)"
