@@ -1,9 +1,7 @@
 """``example-dataset`` subcommand: the real example CT as an nnU-Net raw dataset."""
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,18 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nnunetv2_dsm.data.fetch import FetchError
+    from nnunetv2_dsm.data.raw_dataset import nnunet_raw_folder
     from nnunetv2_dsm.data.totalseg_example import build_example_dataset
 
-    if args.output is None:
-        raw = os.environ.get("nnUNet_raw")
-        if not raw:
-            print("error: nnUNet_raw is not set. Export it (e.g. `export nnUNet_raw=/data/nnUNet_raw`) or pass "
-                  "--output.", file=sys.stderr)
-            return 2
-        args.output = Path(raw) / f"Dataset{args.dataset_id:03d}_TSExample"
     try:
-        out = build_example_dataset(args.output, args.classes, overwrite=args.overwrite)
-    except (FetchError, FileExistsError, ValueError) as err:
+        output = args.output or nnunet_raw_folder(args.dataset_id, "TSExample")
+        out = build_example_dataset(output, args.classes, overwrite=args.overwrite)
+    except (FetchError, FileExistsError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"Wrote {out}")
