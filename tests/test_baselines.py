@@ -175,11 +175,10 @@ def test_short_schedule_trainers_share_the_dsm_budget() -> None:
 
 
 _PLAN_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+    import json, os, sys, torch
+    import nnunetv2
     from nnunetv2.run.run_training import get_trainer_from_args
-    import nnunetv2, os
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     planners = os.path.join(os.path.dirname(nnunetv2.__file__), 'experiment_planning')
     trainers = os.path.join(os.path.dirname(nnunetv2.__file__), 'training', 'nnUNetTrainer')
     out = {}
