@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="plan, train, predict and evaluate DSM on real example CT (CPU, a few minutes)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work-dir", default="dsm_demo", help="folder for nnUNet_raw/preprocessed/results and the report")
-    parser.add_argument("--trainer", default="DSMTrainer_10epochs_NoMirroring", help="nnU-Net trainer class to train")
+    parser.add_argument("--trainer", default="DSMTrainer_5epochs_NoMirroring", help="nnU-Net trainer class to train")
     parser.add_argument("--fold", default="0", help="cross-validation fold (0-4) or 'all'")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.set_defaults(func=run)

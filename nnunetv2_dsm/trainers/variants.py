@@ -32,6 +32,11 @@ class DSMTrainer_2epochs(_ShortSchedule):
     """Two epochs of five iterations: a smoke run through the whole nnU-Net cycle."""
 
 
+class DSMTrainer_5epochs(_ShortSchedule):
+    epochs = 5
+    iterations = 8
+
+
 class DSMTrainer_10epochs(_ShortSchedule):
     epochs = 10
     iterations = 10
@@ -50,8 +55,12 @@ class DSMTrainer_2epochs_NoMirroring(_NoMirroring, DSMTrainer_2epochs):
     """The CPU smoke run used by the tests."""
 
 
-class DSMTrainer_10epochs_NoMirroring(_NoMirroring, DSMTrainer_10epochs):
+class DSMTrainer_5epochs_NoMirroring(_NoMirroring, DSMTrainer_5epochs):
     """The CPU run used by ``nnunetv2_dsm demo``."""
+
+
+class DSMTrainer_10epochs_NoMirroring(_NoMirroring, DSMTrainer_10epochs):
+    pass
 
 
 class DSMTrainer_noKMMM(DSMTrainer):
