@@ -20,7 +20,7 @@ DATASET_NAME = f"Dataset{DATASET_ID}_TSExample"
 PLANS = "DSMPlansCPU"
 CONFIGURATION = "3d_fullres"
 # The progress lines of nnU-Net worth showing while it runs.
-SHOWN = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "Epoch time", "Mean Validation Dice")
+SHOWN = ("Epoch ", "train_loss", "val_loss", "Pseudo dice", "Mean Validation Dice", "Predicting ")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def _run(cmd: list[str], env: dict, log, bar: tqdm) -> None:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         log.write(line)
-        if line.lstrip().startswith(SHOWN) or any(s in line for s in SHOWN[1:]):
+        if any(s in line for s in SHOWN):
             bar.write("  " + line.rstrip())
     if proc.wait() != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}; see {log.name}")
