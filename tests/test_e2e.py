@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -120,6 +121,16 @@ def test_predict_and_evaluate(nnunet_env, trained: Path, tmp_path: Path) -> None
           "-i", str(inputs), "-o", str(tmp_path / "metrics"), "--chill"], nnunet_env)
     metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
     assert list(metrics["per_case"]) == [case]
+
+    from nnunetv2_dsm.visualization import overlay_png
+
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    names = {v: k for k, v in dataset_json["labels"].items() if k != "background"}
+    png = overlay_png(inputs / f"{case}_0000.nii.gz", out / f"{case}.nii.gz", tmp_path / "overlay.png", names,
+                      raw / "labelsTr" / f"{case}.nii.gz")
+    picture = plt.imread(png)
+    assert picture.shape[0] > 300 and picture.shape[1] > 600, "reference and prediction side by side"
+    assert picture[..., :3].std() > 0.05, "a real picture, not a blank canvas"
     for name, stats in metrics["per_case"][case].items():
         dsc = stats["dice"]["value"] if isinstance(stats.get("dice"), dict) else stats.get("dice")
         assert dsc is None or math.isnan(dsc) or _finite_unit(dsc), (name, dsc)
