@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Subcommand modules; each exposes register(subparsers).
-SUBCOMMANDS = ("demo", "example_dataset", "check", "recipe", "merge", "synth", "predict", "evaluate", "leaderboard", "embed")
+SUBCOMMANDS = ("demo", "example_dataset", "check", "recipe", "merge", "synth", "predict", "anomaly", "evaluate", "leaderboard", "embed")
 
 
 def build_parser() -> argparse.ArgumentParser:
