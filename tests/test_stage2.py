@@ -1,7 +1,7 @@
 """DSM stage 2: network, -pretrained_weights from stage 1, text-prompt prediction and stock nnU-Net commands.
 
 The pipeline runs the stock commands in subprocesses on CPU, on the seen/unseen tumour benchmark built
-from the real example CT: plan with DSMPlannerCPU, shrink the plans to a patch that covers the small
+from the real example CT merged with an organ-only dataset (partial labels): plan with DSMPlannerCPU, shrink the plans to a patch that covers the small
 validation case in one tile with two kMMM levels (copy ``DSMPlansTiny``), train stage 1 briefly, train
 stage 2 from its checkpoint with ``-pretrained_weights``, then predict with text prompts and with
 ``nnUNetv2_predict``.
@@ -22,8 +22,11 @@ from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
+from nnunetv2_dsm.checks.inputs import InputError
 from nnunetv2_dsm.cli import predict as predict_cli
+from nnunetv2_dsm.data.merge import MergeSource, merge_datasets
 from nnunetv2_dsm.data.synthesis import build_tumour_benchmark, example_cases
+from nnunetv2_dsm.data.totalseg_example import build_example_dataset
 from nnunetv2_dsm.inference.predictor import DSMPredictionError, DSMPredictor, check_prompts, prompt_slug
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
 from nnunetv2_dsm.text import EncoderMismatchError, save_embeddings
@@ -32,6 +35,8 @@ from nnunetv2_dsm.trainers.stage2 import TEXT_CHECKPOINT_KEY, DSMTrainerStage2
 BIN = Path(sys.executable).parent
 DATASET_ID = "993"
 DATASET = "Dataset993_Stage2Test"
+BENCH = "Dataset994_Stage2Bench"
+ORGANS = "Dataset995_Stage2Organs"
 PLANS = "DSMPlansTiny"
 STAGE1 = "DSMTrainer_2epochs_NoMirroring"
 STAGE2 = "DSMTrainerStage2_tiny_NoMirroring"
@@ -134,7 +139,15 @@ def env(tmp_path_factory, example_ct_dir) -> dict:
            "OMP_NUM_THREADS": "2"}
     env.pop("nnUNet_extTrainer", None)
     env.pop("DSM_TEXT_ENCODER", None)
-    build_tumour_benchmark(root / "raw" / DATASET, example_cases(example_ct_dir), variants=1)
+    # Partial labels across merged datasets, as DSM trains: the tumour benchmark (organs + seen tumours)
+    # merged with an organ-only dataset whose cases annotate five organs and no tumours.
+    raw = root / "raw"
+    build_tumour_benchmark(raw / BENCH, example_cases(example_ct_dir), variants=1)
+    build_example_dataset(raw / ORGANS, ["spleen", "kidney_right", "kidney_left", "liver", "pancreas"],
+                          src=example_ct_dir)
+    merge_datasets([MergeSource(raw / BENCH), MergeSource(raw / ORGANS)], raw / DATASET)
+    availability = json.loads((raw / DATASET / "dataset.json").read_text())["dsm"]["class_availability"]
+    assert "liver_tumor" in availability[VAL_CASE] and "liver_tumor" not in availability["tsexample_ct_sm"]
     _run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c", "3d_fullres",
           "-np", "2"], env)
     folder = root / "preprocessed" / DATASET
@@ -175,7 +188,7 @@ def stage2(env: dict, stage1: Path) -> Path:
 def inputs(env: dict, tmp_path_factory) -> Path:
     """An unseen-tumour test case with non-identity direction and non-zero origin."""
     folder = tmp_path_factory.mktemp("inputs")
-    image = sitk.ReadImage(str(Path(env["nnUNet_raw"]) / DATASET / "imagesTs" / f"{TEST_CASE}_0000.nii.gz"))
+    image = sitk.ReadImage(str(Path(env["nnUNet_raw"]) / BENCH / "imagesTs" / f"{TEST_CASE}_0000.nii.gz"))
     image.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
     image.SetOrigin((12.5, -30.25, 7.0))
     sitk.WriteImage(image, str(folder / f"{TEST_CASE}_0000.nii.gz"))
@@ -273,6 +286,29 @@ def test_output_folder_equal_to_input_folder_is_refused(stage2: Path, inputs: Pa
     with pytest.raises(DSMPredictionError, match="is the input folder"):
         predictor.predict_folder(inputs, inputs)
     assert sorted(p.name for p in inputs.iterdir()) == [f"{TEST_CASE}_0000.nii.gz"]
+
+
+def test_bad_inputs_stop_prediction_before_anything_is_written(stage2: Path, inputs: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    image = sitk.ReadImage(str(inputs / f"{TEST_CASE}_0000.nii.gz"), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, :5] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(bad / "nan_case_0000.nii.gz"))
+    sitk.WriteImage(image, str(bad / "good_case_0000.nii.gz"))
+    (bad / "cut_case_0000.nii.gz").write_bytes((inputs / f"{TEST_CASE}_0000.nii.gz").read_bytes()[:5000])
+    out = tmp_path / "out"
+    predictor = DSMPredictor(["liver"], use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(stage2), (0,))
+    with pytest.raises(InputError) as err:
+        predictor.predict_folder(bad, out)
+    message = str(err.value)
+    assert "nan_case_0000.nii.gz" in message and "NaN" in message
+    assert "cut_case_0000.nii.gz" in message
+    assert "good_case" not in message
+    assert not out.exists(), "nothing is written when any input is bad"
 
 
 def test_stock_nnunet_predict_uses_the_trained_classes(env: dict, stage2: Path, inputs: Path, tmp_path: Path):
