@@ -28,6 +28,13 @@ class _NoMirroring(DSMTrainer):
         return rotation, dummy_2d, initial_patch_size, None
 
 
+class DSMTrainer_1epoch_NoMirroring(_NoMirroring, _ShortSchedule):
+    """One epoch of two iterations: the smallest run through the whole nnU-Net cycle (tests)."""
+
+    epochs = 1
+    iterations = 2
+
+
 class DSMTrainer_2epochs(_ShortSchedule):
     """Two epochs of five iterations: a smoke run through the whole nnU-Net cycle."""
 
