@@ -311,6 +311,33 @@ def test_bad_inputs_stop_prediction_before_anything_is_written(stage2: Path, inp
     assert not out.exists(), "nothing is written when any input is bad"
 
 
+def test_killed_prediction_leaves_no_finished_looking_case(stage2: Path, inputs: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """The label map, written last, only appears once every map of the case is complete."""
+    from nnunetv2_dsm.inference import predictor as predictor_module
+
+    written = []
+    real_write = predictor_module._write_atomic
+
+    def dies_at_the_label_map(image, path):
+        if path.name == f"{TEST_CASE}.nii.gz":
+            raise KeyboardInterrupt("killed")
+        real_write(image, path)
+        written.append(path.name)
+
+    monkeypatch.setattr(predictor_module, "_write_atomic", dies_at_the_label_map)
+    out = tmp_path / "out"
+    predictor = DSMPredictor(["liver", "pancreas tumor"], use_mirroring=False, device=torch.device("cpu"),
+                             allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(stage2), (0,))
+    with pytest.raises(KeyboardInterrupt):
+        predictor.predict_folder(inputs, out)
+    assert sorted(written) == sorted([f"{TEST_CASE}_anomaly.nii.gz", f"{TEST_CASE}_liver.nii.gz",
+                                      f"{TEST_CASE}_pancreas_tumor.nii.gz"])
+    assert not (out / f"{TEST_CASE}.nii.gz").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
 def test_stock_nnunet_predict_uses_the_trained_classes(env: dict, stage2: Path, inputs: Path, tmp_path: Path):
     out = tmp_path / "stock"
     _run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",

@@ -315,7 +315,9 @@ class DSMPredictor(nnUNetPredictor):
         for i, p in enumerate(probabilities):
             labels[p > 0.5] = i + 1
         volumes = [labels.numpy(), *probabilities.numpy(), anomaly.numpy()]
-        for volume, target in zip(volumes, targets):
+        # The label map is written last: its presence marks a finished case, so a prediction killed
+        # half-way never leaves a case that looks complete.
+        for volume, target in reversed(list(zip(volumes, targets))):
             full = np.zeros(properties["shape_before_cropping"], dtype=volume.dtype)
             full = insert_crop_into_image(full, volume, properties["bbox_used_for_cropping"])
             full = np.ascontiguousarray(full.transpose(self.plans_manager.transpose_backward))
