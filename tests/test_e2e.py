@@ -5,6 +5,7 @@ trained briefly with a DSM trainer, predicted with ``nnUNetv2_predict`` and eval
 ``nnUNetv2_evaluate_folder`` and ``nnunetv2_dsm evaluate``.
 """
 
+import argparse
 import json
 import math
 import os
@@ -128,6 +129,12 @@ def test_predict_and_evaluate(nnunet_env, trained: Path, tmp_path: Path) -> None
     names = {v: k for k, v in dataset_json["labels"].items() if k != "background"}
     png = overlay_png(inputs / f"{case}_0000.nii.gz", out / f"{case}.nii.gz", tmp_path / "overlay.png", names,
                       raw / "labelsTr" / f"{case}.nii.gz")
+    from nnunetv2_dsm.cli.demo import _report
+
+    report = _report(metrics, [png], argparse.Namespace(trainer=TRAINER, fold="0", device="cpu"), 90.0)
+    assert f"![overlay]({png.name})" in report
+    for name in CLASSES:
+        assert f"| {name} |" in report, "every class has a row in the demo report"
     picture = plt.imread(png)
     assert picture.shape[0] > 300 and picture.shape[1] > 600, "reference and prediction side by side"
     assert picture[..., :3].std() > 0.05, "a real picture, not a blank canvas"
