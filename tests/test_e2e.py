@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from _stock_commands import run_command
 
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset
 
@@ -31,15 +32,6 @@ PLANS = "DSMPlansCPU"
 # Structures of the fold-0 validation case (a pelvic slab): nnU-Net averages per-class Dice with np.mean,
 # so a class missing from both reference and prediction would make the validation mean nan.
 CLASSES = ["colon", "intestine", "bladder", "prostate", "femur_head_left", "femur_head_right"]
-
-
-def _run(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    if "nnUNetv2_plan" in args[0]:
-        # nnU-Net's planner passes this value to torch.set_num_threads, which rejects 0.
-        env = {**env, "nnUNet_n_proc_DA": "2"}
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +46,9 @@ def nnunet_env(tmp_path_factory, example_ct_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(nnunet_env) -> Path:
-    _run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c", "3d_fullres",
+    run_command([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c", "3d_fullres",
           "-np", "2", "--verify_dataset_integrity"], nnunet_env)
-    _run([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+    run_command([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
           "-device", "cpu"], nnunet_env)
     return Path(nnunet_env["nnUNet_results"]) / DATASET / f"{TRAINER}__{PLANS}__3d_fullres"
 
@@ -102,7 +94,7 @@ def test_predict_and_evaluate(nnunet_env, trained: Path, tmp_path: Path) -> None
     inputs.mkdir()
     (inputs / f"{case}_0000.nii.gz").symlink_to(raw / "imagesTr" / f"{case}_0000.nii.gz")
     out = tmp_path / "pred"
-    _run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
+    run_command([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
           "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"], nnunet_env)
     prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
     image = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
@@ -113,12 +105,12 @@ def test_predict_and_evaluate(nnunet_env, trained: Path, tmp_path: Path) -> None
     values = set(np.unique(sitk.GetArrayViewFromImage(prediction)).tolist())
     assert values <= set(range(len(CLASSES) + 1))
 
-    _run([str(BIN / "nnUNetv2_evaluate_folder"), str(raw / "labelsTr"), str(out), "-djfile",
+    run_command([str(BIN / "nnUNetv2_evaluate_folder"), str(raw / "labelsTr"), str(out), "-djfile",
           str(raw / "dataset.json"), "-pfile", str(trained / "plans.json"), "--chill"], nnunet_env)
     summary = json.loads((out / "summary.json").read_text())
     assert _finite_unit(summary["foreground_mean"]["Dice"]) or math.isnan(summary["foreground_mean"]["Dice"])
 
-    _run([str(BIN / "nnunetv2_dsm"), "evaluate", str(out), str(raw / "labelsTr"), "-d", str(raw / "dataset.json"),
+    run_command([str(BIN / "nnunetv2_dsm"), "evaluate", str(out), str(raw / "labelsTr"), "-d", str(raw / "dataset.json"),
           "-i", str(inputs), "-o", str(tmp_path / "metrics"), "--chill"], nnunet_env)
     metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
     assert list(metrics["per_case"]) == [case]
@@ -144,7 +136,7 @@ def test_predict_and_evaluate(nnunet_env, trained: Path, tmp_path: Path) -> None
 
 
 def test_find_best_configuration(nnunet_env, trained: Path) -> None:
-    _run([str(BIN / "nnUNetv2_find_best_configuration"), DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER,
+    run_command([str(BIN / "nnUNetv2_find_best_configuration"), DATASET_ID, "-c", "3d_fullres", "-tr", TRAINER,
           "-p", PLANS, "-f", "0", "--disable_ensembling", "-np", "1"], nnunet_env)
     inference = Path(nnunet_env["nnUNet_results"]) / DATASET / "inference_information.json"
     info = json.loads(inference.read_text())
@@ -188,7 +180,7 @@ def test_killed_training_resumes_with_continue(nnunet_env, trained: Path) -> Non
 
     assert torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
 
-    _run(cmd + ["--c"], nnunet_env)
+    run_command(cmd + ["--c"], nnunet_env)
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 2
     assert (fold / "validation" / "summary.json").is_file()
@@ -222,7 +214,7 @@ def test_atomic_checkpoint_survives_a_failed_save(nnunet_env, trained: Path, tmp
         assert sorted(os.listdir({str(tmp_path)!r})) == ['checkpoint_latest.pth'], os.listdir({str(tmp_path)!r})
         print('ATOMIC OK')
     """)
-    out = _run([sys.executable, "-c", script], nnunet_env)
+    out = run_command([sys.executable, "-c", script], nnunet_env)
     assert "ATOMIC OK" in out.stdout
 
 
@@ -234,7 +226,7 @@ def test_predictions_are_reproducible(nnunet_env, trained: Path, tmp_path: Path)
     outputs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        _run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
+        run_command([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
               "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"], nnunet_env)
         outputs.append((out / "tsexample_dicom.nii.gz").read_bytes())
     assert outputs[0] == outputs[1], "two predictions of the same case are byte-identical"
@@ -252,7 +244,7 @@ def test_seeded_training_repeats_first_iteration_loss(nnunet_env, trained: Path)
     losses = []
     for seed in ("7", "7", "8"):
         env = {**nnunet_env, "DSM_SEED": seed, "nnUNet_results": str(Path(nnunet_env["nnUNet_results"]) / f"seed{len(losses)}")}
-        out = _run([sys.executable, "-c", script], env)
+        out = run_command([sys.executable, "-c", script], env)
         losses.append(float(out.stdout.split("LOSS")[-1]))
     assert losses[0] == losses[1], "same seed, same first-iteration loss"
     assert losses[0] != losses[2], "a different seed gives a different run"

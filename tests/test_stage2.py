@@ -10,7 +10,6 @@ stage 2 from its checkpoint with ``-pretrained_weights``, then predict with text
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from _stock_commands import run_command
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
@@ -42,15 +42,6 @@ STAGE1 = "DSMTrainer_1epoch_NoMirroring"
 STAGE2 = "DSMTrainerStage2_tiny_NoMirroring"
 VAL_CASE = "tsyn_ctsm_00"
 TEST_CASE = "tsyn_ctsm_test_00"
-
-
-def _run(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    if "nnUNetv2_plan" in args[0]:
-        # nnU-Net's planner passes this value to torch.set_num_threads, which rejects 0.
-        env = {**env, "nnUNet_n_proc_DA": "2"}
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
 
 
 def _conv_kwargs(n_stages: int = 4) -> dict:
@@ -148,7 +139,7 @@ def env(tmp_path_factory, example_ct_dir) -> dict:
     merge_datasets([MergeSource(raw / BENCH), MergeSource(raw / ORGANS)], raw / DATASET)
     availability = json.loads((raw / DATASET / "dataset.json").read_text())["dsm"]["class_availability"]
     assert "liver_tumor" in availability[VAL_CASE] and "liver_tumor" not in availability["tsexample_ct_sm"]
-    _run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c", "3d_fullres",
+    run_command([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c", "3d_fullres",
           "-np", "2"], env)
     folder = root / "preprocessed" / DATASET
     plans = json.loads((folder / "DSMPlansCPU.json").read_text())
@@ -171,14 +162,14 @@ def _model(env: dict, trainer: str) -> Path:
 
 @pytest.fixture(scope="module")
 def stage1(env: dict) -> Path:
-    _run([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", STAGE1, "-p", PLANS, "-device", "cpu"],
+    run_command([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", STAGE1, "-p", PLANS, "-device", "cpu"],
          env)
     return _model(env, STAGE1) / "fold_0" / "checkpoint_final.pth"
 
 
 @pytest.fixture(scope="module")
 def stage2(env: dict, stage1: Path) -> Path:
-    out = _run([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", STAGE2, "-p", PLANS, "-device",
+    out = run_command([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", STAGE2, "-p", PLANS, "-device",
                 "cpu", "-pretrained_weights", str(stage1)], env)
     assert "Loading pretrained weights" in out.stdout
     return _model(env, STAGE2)
@@ -340,7 +331,7 @@ def test_killed_prediction_leaves_no_finished_looking_case(stage2: Path, inputs:
 
 def test_stock_nnunet_predict_uses_the_trained_classes(env: dict, stage2: Path, inputs: Path, tmp_path: Path):
     out = tmp_path / "stock"
-    _run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
+    run_command([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
           "-f", "0", "-tr", STAGE2, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env)
     prediction = sitk.ReadImage(str(out / f"{TEST_CASE}.nii.gz"))
     assert _same_geometry(prediction, sitk.ReadImage(str(inputs / f"{TEST_CASE}_0000.nii.gz")))
