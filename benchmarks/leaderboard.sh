@@ -16,13 +16,14 @@
 #   6. nnunetv2_dsm evaluate on labelsTs (DSC; AUROC/FPR95 in the body ROI) -> <model>/fold_0/metrics.json
 #   7. nnunetv2_dsm leaderboard -> WORK_DIR/leaderboard, copied to results/ of this checkout
 #
-# Environment: MODELS (space-separated subset of: stage1 noKMMM noSSM resenc stage2; default all),
+# Environment: MODELS (space-separated subset of: stage1 noKMMM noSSM resenc stage2 stage2_noAMVP
+#   stage2_noDQR stage2_noCLIP; default all),
 # DSM_SEED (default 0). Needs the package installed (pip install .) and about 30 minutes on 2 CPU cores.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="$(mkdir -p "${1:-./leaderboard_work}" && cd "${1:-./leaderboard_work}" && pwd)"
-MODELS="${MODELS:-stage1 noKMMM noSSM resenc stage2}"
+MODELS="${MODELS:-stage1 noKMMM noSSM resenc stage2 stage2_noAMVP stage2_noDQR stage2_noCLIP}"
 DATASET_ID=995
 DATASET=Dataset995_TumourSynth
 CONFIG=3d_fullres
@@ -77,7 +78,10 @@ trainer_of() {
         noSSM) echo "DSMTrainer_noSSM_2epochs_NoMirroring DSMPlansCPU" ;;
         resenc) echo "DSMBaselineTrainer_2epochs_NoMirroring ResEncPlansCPU" ;;
         stage2) echo "DSMTrainerStage2_2epochs_NoMirroring DSMPlansCPU" ;;
-        *) echo "unknown model '$1' in MODELS (stage1 noKMMM noSSM resenc stage2)" >&2; exit 2 ;;
+        stage2_noAMVP) echo "DSMTrainerStage2_noAMVP_2epochs_NoMirroring DSMPlansCPU" ;;
+        stage2_noDQR) echo "DSMTrainerStage2_noDQR_2epochs_NoMirroring DSMPlansCPU" ;;
+        stage2_noCLIP) echo "DSMTrainerStage2_noCLIP_2epochs_NoMirroring DSMPlansCPU" ;;
+        *) echo "unknown model '$1' in MODELS (stage1 noKMMM noSSM resenc stage2 stage2_noAMVP stage2_noDQR stage2_noCLIP)" >&2; exit 2 ;;
     esac
 }
 
@@ -91,13 +95,13 @@ for model in $MODELS; do
     folder="$RES/${trainer}__${plans}__$CONFIG"
     pred="$WORK/predictions/$model"
     extra=()
-    if [ "$model" = stage2 ]; then
+    if [[ "$model" == stage2* ]]; then
         [ -f "$STAGE1_CHECKPOINT" ] || { echo "stage2 needs stage1 first (MODELS order)" >&2; exit 2; }
         extra=(-pretrained_weights "$STAGE1_CHECKPOINT")
     fi
     step "train_$model" nnUNetv2_train $DATASET_ID $CONFIG $FOLD -tr "$trainer" -p "$plans" -device cpu "${extra[@]}"
     rm -rf "$pred"
-    if [ "$model" = stage2 ]; then
+    if [[ "$model" == stage2* ]]; then
         step "predict_$model" nnunetv2_dsm predict -i "$RAW/imagesTs" -o "$pred" -m "$folder" -f $FOLD \
             --device cpu --disable-tta --prompts "${ALL_CLASSES[@]}"
         scores="$pred/scores"

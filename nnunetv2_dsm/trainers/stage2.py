@@ -192,6 +192,18 @@ class DSMTrainerStage2_10epochs_NoMirroring(_NoMirroring, _ShortSchedule, DSMTra
     iterations = 10
 
 
+class DSMTrainerStage2_noAMVP_2epochs_NoMirroring(_NoMirroring, _ShortSchedule, DSMTrainerStage2_noAMVP):
+    """The noAMVP ablation on the CPU leaderboard budget."""
+
+
+class DSMTrainerStage2_noDQR_2epochs_NoMirroring(_NoMirroring, _ShortSchedule, DSMTrainerStage2_noDQR):
+    """The noDQR ablation on the CPU leaderboard budget."""
+
+
+class DSMTrainerStage2_noCLIP_2epochs_NoMirroring(_NoMirroring, _ShortSchedule, DSMTrainerStage2_noCLIP):
+    """The noCLIP ablation on the CPU leaderboard budget."""
+
+
 class DSMTrainerStage2_tiny_NoMirroring(_NoMirroring, _ShortSchedule, DSMTrainerStage2):
     """One epoch of two iterations with 4 tumour queries and one diffusion step: for tests on CPU."""
 
