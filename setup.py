@@ -63,6 +63,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["nnunetv2_dsm", "nnunetv2_dsm.*"]),
     include_package_data=True,
+    package_data={"nnunetv2_dsm.networks": ["csrc/*.c"]},
     install_requires=[
         "nnunetv2>=2.8.1,<2.9",
         "torch>=2.4",

@@ -10,6 +10,7 @@ import pytest
 import torch
 from _mamba_reference import load_selective_scan_ref
 
+from nnunetv2_dsm.networks.cpu_scan import load_kernel
 from nnunetv2_dsm.networks.ssm import SSM, selective_scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def no_grad_path(request):
+    """selective_scan options running a test once with the compiled CPU kernel, once with the PyTorch scan."""
+    if request.param == "kernel" and load_kernel() is None:
+        pytest.skip("no C compiler: the compiled CPU scan is unavailable")
+    return {"cpu_kernel": request.param == "kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +100,27 @@ def test_parity_with_mamba_reference(reference, shape, options):
     assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options))
 
 
+@pytest.mark.parametrize(
+    ("shape", "options"),
+    [
+        ((2, 8, 4, 100, None), {}),
+        ((1, 6, 16, 257, 2), {}),
+        ((2, 8, 8, 130, 4), {"with_d": False, "with_z": False}),
+        ((1, 5, 3, 70, None), {"with_bias": False, "softplus": False}),
+        ((2, 4, 16, 1, None), {}),
+        ((1, 4, 8, 300, None), {"delta_shift": 3.0}),
+        ((1, 3, 4, 12_000, 1), {"seed": 1}),
+    ],
+)
+def test_no_grad_parity_with_mamba_reference(reference, no_grad_path, shape, options):
+    batch, dim, d_state, length, groups = shape
+    inputs = make_inputs(batch, dim, d_state, length, groups, **options)
+    expected = reference(**inputs)
+    with torch.no_grad():
+        actual = selective_scan(**inputs, **no_grad_path)
+    torch.testing.assert_close(actual, expected, rtol=2e-4, atol=2e-4 * expected.abs().max().item())
+
+
 def test_parity_with_fast_decay_splits_chunks(reference):
     # delta ~ 3 with |A| up to 8.5 decays by ~2^-35 per step: chunks must be split to stay finite.
     assert_parity(reference, make_inputs(1, 4, 8, 300, delta_shift=3.0))
@@ -103,8 +133,8 @@ def test_parity_long_sequence(reference):
 def test_chunked_equals_stepwise_recurrence_float64():
     # chunk_size=1 is the plain recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t.
     inputs = make_inputs(2, 6, 5, 300, 3, dtype=torch.float64, delta_shift=0.0)
-    chunked = selective_scan(**inputs, chunk_size=64)
-    stepwise = selective_scan(**inputs, chunk_size=1)
+    chunked = selective_scan(**inputs, chunk_size=64, cpu_kernel=False)
+    stepwise = selective_scan(**inputs, chunk_size=1, cpu_kernel=False)
     assert chunked.dtype == torch.float64
     torch.testing.assert_close(chunked, stepwise, rtol=1e-10, atol=1e-10)
 
@@ -207,10 +237,10 @@ def test_long_scan_memory_is_bounded():
     assert math.isfinite(report["peak_increase_mb"])
 
 
-def test_inference_and_training_paths_agree():
+def test_inference_and_training_paths_agree(no_grad_path):
     inputs = make_inputs(2, 8, 16, 3000, 2, seed=3)
     with torch.no_grad():
-        inference = selective_scan(**inputs)
+        inference = selective_scan(**inputs, **no_grad_path)
     training = selective_scan(**leaf_copies(inputs))
     assert training.requires_grad
     torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-5 * inference.abs().max().item())

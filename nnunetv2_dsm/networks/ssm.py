@@ -2,9 +2,10 @@
 
 ``selective_scan`` has the semantics of ``mamba_ssm``'s ``selective_scan_fn``. On CUDA tensors it
 calls the fused kernel of ``mamba_ssm`` when that package and its compiled ``selective_scan_cuda``
-extension are importable. Everywhere else it runs a chunked parallel scan written in PyTorch:
-``mamba_ssm`` ships no CPU implementation other than its sequential reference loop, which is far too
-slow for sequences of 10^5 voxels, so the scan below is hand-written.
+extension are importable. ``mamba_ssm`` ships no CPU implementation other than its sequential
+reference loop, which is far too slow for sequences of 10^5 voxels, so the CPU paths are hand-written:
+without gradients, the compiled C kernel of ``cpu_scan`` when a C compiler is available; with
+gradients (or without a compiler), the chunked parallel scan below, written in PyTorch.
 
 Chunked scan: inside a chunk of T steps let g_t = sum_{s<=t} delta_s A (per channel and state).
 The recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t unrolls to
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from nnunetv2_dsm.networks.cpu_scan import kernel_scan, load_kernel
 
 # Largest decay span (natural log) inside a chunk: factors reach exp(span / 2) = e^60 in float32,
 # leaving ~e^28 of headroom for the magnitudes of delta * B * u and the chunk sum before overflow.
@@ -206,12 +209,13 @@ def _inference_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, c
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   *, chunk_size: int = 64) -> Tensor:
+                   *, chunk_size: int = 64, cpu_kernel: bool = True) -> Tensor:
     """Selective scan with the semantics of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``.
 
     u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (batch, N, L) or (batch, G, N, L) with G
     dividing dim (channel d uses group d // (dim // G)); D, delta_bias: (dim,). Returns (batch, dim, L)
-    in u's dtype. ``chunk_size`` only affects the PyTorch path (speed, not the result).
+    in u's dtype. ``chunk_size`` only affects the PyTorch path (speed, not the result);
+    ``cpu_kernel=False`` skips the compiled CPU kernel.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 1:
@@ -222,18 +226,22 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
             return fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype = torch.promote_types(torch.promote_types(u.dtype, delta.dtype), torch.promote_types(A.dtype, B.dtype))
     dtype = torch.float64 if torch.promote_types(dtype, C.dtype) == torch.float64 else torch.float32
+    B = B if B.dim() == 4 else B.unsqueeze(1)
+    C = C if C.dim() == 4 else C.unsqueeze(1)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None)
+    kernel = load_kernel() if cpu_kernel and not needs_grad and u.device.type == "cpu" else None
+    if kernel is not None:
+        as_dtype = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
+        return kernel_scan(kernel, *as_dtype, delta_softplus=delta_softplus).to(u.dtype)
     u_f = u.to(dtype)
     delta = delta.to(dtype)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype).unsqueeze(-1)
     if delta_softplus:
         delta = F.softplus(delta)
-    B = B.to(dtype)
-    C = C.to(dtype)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u_f, delta, A, B, C))
     scan = _training_scan if needs_grad else _inference_scan
-    y = scan(u_f, delta, A.to(dtype), B if B.dim() == 4 else B.unsqueeze(1), C if C.dim() == 4 else C.unsqueeze(1),
-             chunk_size)
+    y = scan(u_f, delta, A.to(dtype), B.to(dtype), C.to(dtype), chunk_size)
     if D is not None:
         y = y + u_f * D.to(dtype).unsqueeze(-1)
     if z is not None:
