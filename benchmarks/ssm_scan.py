@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from _mamba_reference import load_selective_scan_ref  # noqa: E402
 
-from nnunetv2_dsm.networks.cpu_scan import load_kernel  # noqa: E402
+from nnunetv2_dsm.networks.cpu_kernels import load_kernels  # noqa: E402
 from nnunetv2_dsm.networks.ssm import _fused_selective_scan, selective_scan  # noqa: E402
 
 
@@ -126,7 +126,7 @@ def main() -> int:
     result = {
         "benchmark": "selective_scan forward without gradients vs mamba_ssm selective_scan_ref",
         "ours": "fused mamba_ssm kernel" if fused is not None else (
-            "compiled CPU kernel" if load_kernel() is not None and device.type == "cpu" else "PyTorch chunked scan"),
+            "compiled CPU kernel" if load_kernels() is not None and device.type == "cpu" else "PyTorch chunked scan"),
         "device": device.type,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__,

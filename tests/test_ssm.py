@@ -10,7 +10,7 @@ import pytest
 import torch
 from _mamba_reference import load_selective_scan_ref
 
-from nnunetv2_dsm.networks.cpu_scan import load_kernel
+from nnunetv2_dsm.networks.cpu_kernels import load_kernels
 from nnunetv2_dsm.networks.ssm import SSM, selective_scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def single_thread():
 @pytest.fixture(params=["kernel", "torch"])
 def no_grad_path(request):
     """selective_scan options running a test once with the compiled CPU kernel, once with the PyTorch scan."""
-    if request.param == "kernel" and load_kernel() is None:
+    if request.param == "kernel" and load_kernels() is None:
         pytest.skip("no C compiler: the compiled CPU scan is unavailable")
     return {"cpu_kernel": request.param == "kernel"}
 

@@ -15,7 +15,7 @@ from nnunetv2_dsm.networks.alignment import (
     semantic_masks,
 )
 from nnunetv2_dsm.networks.amvp import AnomalyMaskPrompt, anomaly_prompt, anomaly_score, minmax_per_case
-from nnunetv2_dsm.networks.dqr import DQRLayer, DQROutput, GuidedFeatureDiffusion
+from nnunetv2_dsm.networks.dqr import DQRLayer, DQROutput, GuidedFeatureDiffusion, resize_to
 from nnunetv2_dsm.networks.masked_attention import MaskedCrossAttention
 
 SPATIAL = {2: (6, 7), 3: (4, 5, 3)}
@@ -388,3 +388,14 @@ def test_alignment_head_trains_with_bce_on_semantic_logits():
     with pytest.raises(ValueError, match="same B and Nq"):
         semantic_masks(mask_logits, torch.rand(2, 3, 5))
     assert math.isclose(head.temperature, 0.01)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_guide_projection_at_coarse_resolution_equals_projecting_the_upsampled_guide(dim):
+    torch.manual_seed(0)
+    module = GuidedFeatureDiffusion(4, 6)
+    f = torch.randn(2, 4, *[8] * dim)
+    guide = torch.randn(2, 6, *[3] * dim)
+    upsampled = resize_to(guide, tuple(f.shape[2:]))
+    expected = torch.nn.functional.normalize(module.guide_proj(upsampled.movedim(1, -1)), dim=-1)
+    torch.testing.assert_close(module.similarity_embedding(f, guide), expected, rtol=1e-5, atol=1e-6)

@@ -21,7 +21,9 @@ masked cross-attention (eq. 19).
 
 The neighbourhood is visited by shifting a padded copy (slices are views), never by stacking k^d
 shifted copies of the feature, so memory stays a small multiple of the feature itself in 3d, where
-torch has no ``unfold``.
+torch has no ``unfold``. The steps run channels last, (B, *S, C): each neighbour's multiply-add is
+then one contiguous run over C, several times faster on CPU than strided spatial rows. Without
+gradients on CPU the cosines and the steps run in the compiled kernels of ``cpu_kernels``.
 """
 
 import itertools
@@ -32,13 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnunetv2_dsm.networks import cpu_kernels
 from nnunetv2_dsm.networks.masked_attention import MaskedCrossAttention
-
-
-def _pointwise(linear: nn.Linear, x: Tensor) -> Tensor:
-    """A 1x1 convolution for any number of spatial dims: ``linear`` over the channel axis."""
-    # x: (B, C_in, *S) -> (B, C_out, *S)
-    return linear(x.movedim(1, -1)).movedim(-1, 1)
 
 
 def resize_to(x: Tensor, size: tuple[int, ...]) -> Tensor:
@@ -96,74 +93,101 @@ class GuidedFeatureDiffusion(nn.Module):
     def _offsets(self, dims: int) -> list[tuple[int, ...]]:
         return list(itertools.product(range(self.kernel_size), repeat=dims))
 
-    def _shift(self, padded: Tensor, offset: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
-        # padded: (B, C, *(S + k - 1)) -> view (B, C, *S) of the neighbour at ``offset``
+    def _pad(self, x: Tensor) -> Tensor:
+        # x: (B, *S, C) -> (B, *(S + k - 1), C), zero border
+        return F.pad(x, [0, 0] + [self.kernel_size // 2] * (2 * (x.ndim - 2)))
+
+    @staticmethod
+    def _shift(padded: Tensor, offset: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
+        # padded: (B, *(S + k - 1), C) -> view (B, *S, C) of the neighbour at ``offset``
         index = tuple(slice(o, o + s) for o, s in zip(offset, size))
-        return padded[(slice(None), slice(None), *index)]
+        return padded[(slice(None), *index)]
+
+    def _weights(self, phi: Tensor) -> Tensor:
+        # phi: unit similarity embedding phi(G) at F's size, channels last (B, *S, E)
+        # -> (B, *S, k^d), neighbour order itertools.product
+        size = tuple(phi.shape[1:-1])
+        inside_padded = self._pad(torch.ones((1, *size, 1), dtype=torch.bool, device=phi.device))
+        offsets = self._offsets(len(size))
+        kernels = cpu_kernels.kernels_for(phi)
+        if kernels is not None:
+            cosine = cpu_kernels.neighbour_cosine(kernels, phi, self.kernel_size)
+        else:
+            phi_padded = self._pad(phi)
+            cosine = torch.stack([(phi * self._shift(phi_padded, o, size)).sum(dim=-1) for o in offsets], dim=-1)
+        inside = torch.cat([self._shift(inside_padded, o, size) for o in offsets], dim=-1)
+        logits = (cosine.float() / self.log_temperature.exp().float()).masked_fill(~inside, -math.inf)
+        return torch.softmax(logits, dim=-1).to(phi.dtype)
+
+    def _step(self, f: Tensor, weights: Tensor) -> Tensor:
+        # f: (B, *S, C), weights: (B, *S, k^d) -> (B, *S, C)
+        kernels = cpu_kernels.kernels_for(f, weights, self.step_logit)
+        if kernels is not None:
+            return cpu_kernels.diffusion_step(kernels, f, weights, float(self.step_size), self.kernel_size)
+        size = tuple(f.shape[1:-1])
+        padded = self._pad(f)
+        # sum_j w_ij F_j accumulated in place from views of one padded copy: no per-neighbour copy of F
+        # is made, and channels last keeps every multiply-add a contiguous run over C.
+        offsets = self._offsets(len(size))
+        neighbour_mean = weights[..., :1] * self._shift(padded, offsets[0], size)
+        for k, offset in enumerate(offsets[1:], start=1):
+            neighbour_mean.addcmul_(weights[..., k : k + 1], self._shift(padded, offset, size))
+        flux = neighbour_mean - f * weights.sum(dim=-1, keepdim=True)
+        return f + self.step_size.to(f.dtype) * flux
 
     def neighbourhood_weights(self, g: Tensor) -> Tensor:
         """Diffusion weights w_ij of every position i over its k^d neighbours j (sum 1 over j)."""
         # g: guidance at F's size (B, C_g, *S) -> (B, k^d, *S), neighbour order itertools.product
-        size = tuple(g.shape[2:])
-        pad = [self.kernel_size // 2] * (2 * len(size))
-        phi = F.normalize(_pointwise(self.guide_proj, g), dim=1)
-        phi_padded = F.pad(phi, pad)
-        inside_padded = F.pad(torch.ones((1, 1, *size), dtype=torch.bool, device=g.device), pad)
-        offsets = self._offsets(len(size))
-        cosine = torch.stack(
-            [(phi * self._shift(phi_padded, o, size)).sum(dim=1) for o in offsets], dim=1
-        )
-        inside = torch.cat([self._shift(inside_padded, o, size) for o in offsets], dim=1)
-        logits = (cosine.float() / self.log_temperature.exp().float()).masked_fill(~inside, -math.inf)
-        return torch.softmax(logits, dim=1).to(g.dtype)
+        return self._weights(F.normalize(self.guide_proj(g.movedim(1, -1)), dim=-1)).movedim(-1, 1)
 
     def diffusion_step(self, f: Tensor, weights: Tensor) -> Tensor:
         """One explicit step ``F + lambda * sum_j w_ij (F_j - F_i)``."""
         # f: (B, C, *S), weights: (B, k^d, *S) -> (B, C, *S)
-        size = tuple(f.shape[2:])
-        padded = F.pad(f, [self.kernel_size // 2] * (2 * len(size)))
-        # sum_j w_ij F_j - F_i sum_j w_ij: products of views of one padded copy, so autograd keeps no
-        # per-neighbour copy of F.
-        neighbour_mean = sum(
-            weights[:, k : k + 1] * self._shift(padded, o, size) for k, o in enumerate(self._offsets(len(size)))
-        )
-        flux = neighbour_mean - f * weights.sum(dim=1, keepdim=True)
-        return f + self.step_size.to(f.dtype) * flux
+        return self._step(f.movedim(1, -1), weights.movedim(1, -1)).movedim(-1, 1)
 
-    def guidance(self, f: Tensor, guide: Tensor | None) -> Tensor:
-        """The guidance map G at f's spatial size."""
-        # f: (B, C, *S), guide: (B, C_g, *S_g) | None -> (B, C_g, *S)
+    def similarity_embedding(self, f: Tensor, guide: Tensor | None) -> Tensor:
+        """Unit vectors phi(G) at f's spatial size, channels last: (B, *S, E)."""
+        # f: (B, C, *S), guide: (B, C_g, *S_g) | None -> (B, *S, E)
         if guide is None:
             if self.guide_channels != self.channels:
                 raise ValueError(
                     f"GuidedFeatureDiffusion without guide uses the feature itself, which needs "
                     f"guide_channels == channels (got {self.guide_channels} and {self.channels})."
                 )
-            return f
+            guide = f
         if guide.ndim != f.ndim or guide.shape[0] != f.shape[0] or guide.shape[1] != self.guide_channels:
             raise ValueError(
                 f"GuidedFeatureDiffusion guide must be (B={f.shape[0]}, {self.guide_channels}, "
                 f"{len(f.shape[2:])} spatial dims), got {tuple(guide.shape)}."
             )
-        return resize_to(guide, tuple(f.shape[2:]))
+        # The 1x1 projection commutes with the (convex) interpolation, so it runs at the guide's
+        # coarser resolution: the same values for a fraction of the work.
+        projected = self.guide_proj(guide.movedim(1, -1)).movedim(-1, 1)
+        return F.normalize(resize_to(projected, tuple(f.shape[2:])).movedim(1, -1), dim=-1)
 
-    def diffuse(self, f: Tensor, guide: Tensor | None = None) -> Tensor:
-        """The enhanced feature F_T after ``steps`` diffusion steps (no fusion)."""
-        # f: (B, C, *S), guide: (B, C_g, *S_g) | None -> (B, C, *S)
+    def _diffuse(self, f: Tensor, guide: Tensor | None) -> tuple[Tensor, Tensor]:
+        # f: (B, C, *S), guide: (B, C_g, *S_g) | None -> F and F_T, both channels last (B, *S, C)
         if f.ndim not in (4, 5) or f.shape[1] != self.channels:
             raise ValueError(
                 f"GuidedFeatureDiffusion expects f (B, {self.channels}, H, W[, D]), got {tuple(f.shape)}."
             )
-        weights = self.neighbourhood_weights(self.guidance(f, guide))
+        weights = self._weights(self.similarity_embedding(f, guide))
+        f = f.movedim(1, -1).contiguous()
+        enhanced = f
         for _ in range(self.steps):
-            f = self.diffusion_step(f, weights)
-        return f
+            enhanced = self._step(enhanced, weights)
+        return f, enhanced
+
+    def diffuse(self, f: Tensor, guide: Tensor | None = None) -> Tensor:
+        """The enhanced feature F_T after ``steps`` diffusion steps (no fusion)."""
+        # f: (B, C, *S), guide: (B, C_g, *S_g) | None -> (B, C, *S)
+        return self._diffuse(f, guide)[1].movedim(-1, 1)
 
     def forward(self, f: Tensor, guide: Tensor | None = None) -> Tensor:
-        # f: (B, C, *S), guide: (B, C_g, *S_g) | None -> (B, C, *S)
-        enhanced = self.diffuse(f, guide)
-        gate = torch.sigmoid(_pointwise(self.gate, torch.cat([f, enhanced], dim=1)))
-        return f + gate * (enhanced - f)
+        # f: (B, C, *S), guide: (B, C_g, *S_g) | None -> (B, C, *S), stored channels last
+        f, enhanced = self._diffuse(f, guide)
+        gate = torch.sigmoid(self.gate(torch.cat([f, enhanced], dim=-1)))
+        return (f + gate * (enhanced - f)).movedim(-1, 1)
 
 
 class DQROutput(NamedTuple):
@@ -229,7 +253,7 @@ class DQRLayer(nn.Module):
                 f"anomaly score with AnomalyMaskPrompt(size=feature.shape[2:])."
             )
         fused = self.diffusion(feature, guide)
-        kv = fused.flatten(2).transpose(1, 2)
+        kv = fused.movedim(1, -1).flatten(1, -2)  # a view when fused is stored channels last
         tumour = self.cross_attn(tumour_queries, kv, None if prompt is None else prompt.flatten(1))
         q = torch.cat([organ_queries, tumour], dim=1)
         attended, _ = self.self_attn(q, q, q, need_weights=False)

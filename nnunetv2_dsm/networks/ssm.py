@@ -4,7 +4,7 @@
 calls the fused kernel of ``mamba_ssm`` when that package and its compiled ``selective_scan_cuda``
 extension are importable. ``mamba_ssm`` ships no CPU implementation other than its sequential
 reference loop, which is far too slow for sequences of 10^5 voxels, so the CPU paths are hand-written:
-without gradients, the compiled C kernel of ``cpu_scan`` when a C compiler is available; with
+without gradients, the compiled C kernel of ``cpu_kernels`` when a C compiler is available; with
 gradients (or without a compiler), the chunked parallel scan below, written in PyTorch.
 
 Chunked scan: inside a chunk of T steps let g_t = sum_{s<=t} delta_s A (per channel and state).
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from nnunetv2_dsm.networks.cpu_scan import kernel_scan, load_kernel
+from nnunetv2_dsm.networks import cpu_kernels
 
 # Largest decay span (natural log) inside a chunk: factors reach exp(span / 2) = e^60 in float32,
 # leaving ~e^28 of headroom for the magnitudes of delta * B * u and the chunk sum before overflow.
@@ -230,10 +230,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     C = C if C.dim() == 4 else C.unsqueeze(1)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None)
-    kernel = load_kernel() if cpu_kernel and not needs_grad and u.device.type == "cpu" else None
-    if kernel is not None:
+    kernels = cpu_kernels.load_kernels() if cpu_kernel and not needs_grad and u.device.type == "cpu" else None
+    if kernels is not None:
         as_dtype = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
-        return kernel_scan(kernel, *as_dtype, delta_softplus=delta_softplus).to(u.dtype)
+        return cpu_kernels.selective_scan(kernels, *as_dtype, delta_softplus=delta_softplus).to(u.dtype)
     u_f = u.to(dtype)
     delta = delta.to(dtype)
     if delta_bias is not None:
@@ -303,10 +303,11 @@ class SSM(nn.Module):
         # x, z: (B, d_inner, L) -> (B, d_inner, L)
         length = x.shape[-1]
         x = F.silu(F.conv1d(x, conv1d.weight, conv1d.bias, padding=self.d_conv - 1, groups=self.d_inner)[..., :length])
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ dt_proj.weight.t()).transpose(1, 2)
+        # Channels-first products, as in mamba_ssm: the (B, d_inner, L) operands of the scan come out
+        # contiguous, with no transposed copies of the long sequence.
+        dt, B, C = torch.einsum("oc,bcl->bol", x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], 1)
         return selective_scan(
-            x, dt, -torch.exp(a_log.float()), B.transpose(1, 2), C.transpose(1, 2), d_skip.float(),
+            x, torch.einsum("or,brl->bol", dt_proj.weight, dt), -torch.exp(a_log.float()), B, C, d_skip.float(),
             z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
         )
 
@@ -314,11 +315,10 @@ class SSM(nn.Module):
         # x: (B, L, d_model) -> (B, L, d_model)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"SSM: expected input (batch, length, {self.d_model}), got {tuple(x.shape)}")
-        xz = self.in_proj(x).transpose(1, 2)
-        x_in, z = xz.chunk(2, dim=1)
+        x_in, z = torch.einsum("oc,blc->bol", self.in_proj.weight, x).chunk(2, dim=1)
         y = self._scan(x_in, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         if self.bidirectional:
             y_b = self._scan(x_in.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
                              self.A_b_log, self.D_b)
             y = y + y_b.flip(-1)
-        return self.out_proj(y.transpose(1, 2))
+        return torch.einsum("oc,bcl->blo", self.out_proj.weight, y)

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunetv2_dsm.networks.cpu_scan import kernel_scan, load_kernel
+from nnunetv2_dsm.networks import cpu_kernels
+from nnunetv2_dsm.networks.cpu_kernels import load_kernels, selective_scan
+from nnunetv2_dsm.networks.dqr import GuidedFeatureDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
-                                reason="no C compiler: the compiled CPU scan is unavailable")
+                                reason="no C compiler: the compiled CPU kernels are unavailable")
 
 
 def stepwise(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -60,7 +62,7 @@ def random_inputs(batch, dim, d_state, length, groups, dtype=torch.float32, seed
 @pytest.mark.parametrize("full", [False, True], ids=["scan", "with_D_z_bias_softplus"])
 def test_kernel_equals_the_recurrence(dtype, batch, dim, d_state, length, groups, full):
     args, options = random_inputs(batch, dim, d_state, length, groups, dtype, full=full)
-    y = kernel_scan(load_kernel(), *args, **options)
+    y = selective_scan(load_kernels(), *args, **options)
     assert y.shape == (batch, dim, length) and y.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     expected = stepwise(*args, **options)
@@ -72,9 +74,9 @@ def test_thread_split_gives_the_same_result():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = kernel_scan(load_kernel(), *inputs, **options)
+        single = selective_scan(load_kernels(), *inputs, **options)
         torch.set_num_threads(4)  # more workers than cores is fine: rows are only split
-        split = kernel_scan(load_kernel(), *inputs, **options)
+        split = selective_scan(load_kernels(), *inputs, **options)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, split)
@@ -82,11 +84,11 @@ def test_thread_split_gives_the_same_result():
 
 def test_non_contiguous_inputs():
     (u, delta, A, B, C), _ = random_inputs(2, 4, 8, 30, 1, seed=2)
-    expected = kernel_scan(load_kernel(), u, delta, A, B, C)
+    expected = selective_scan(load_kernels(), u, delta, A, B, C)
     u_t = u.transpose(0, 1).contiguous().transpose(0, 1)
     B_t = B.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert not u_t.is_contiguous() and not B_t.is_contiguous()
-    assert torch.equal(kernel_scan(load_kernel(), u_t, delta, A, B_t, C), expected)
+    assert torch.equal(selective_scan(load_kernels(), u_t, delta, A, B_t, C), expected)
 
 
 def run_python(script: str, **env: str) -> subprocess.CompletedProcess:
@@ -98,9 +100,9 @@ def test_compiled_once_into_the_cache_and_denormals_survive(tmp_path):
     # Linking with -ffast-math would switch the process to flush-denormals-to-zero on load.
     script = """
         import json, torch
-        from nnunetv2_dsm.networks.cpu_scan import library_path, load_kernel
+        from nnunetv2_dsm.networks.cpu_kernels import library_path, load_kernels
         tiny = torch.tensor([1e-40]) * 1.0
-        lib = load_kernel()
+        lib = load_kernels()
         print(json.dumps({"loaded": lib is not None, "path": str(library_path()),
                           "denormal_kept": bool((torch.tensor([1e-40]) * 1.0).item() != 0.0),
                           "denormal_before": bool(tiny.item() != 0.0)}))
@@ -121,11 +123,11 @@ def test_compiled_once_into_the_cache_and_denormals_survive(tmp_path):
 def test_without_a_compiler_the_pytorch_scan_takes_over(tmp_path):
     script = """
         import warnings, torch
-        from nnunetv2_dsm.networks.cpu_scan import load_kernel
+        from nnunetv2_dsm.networks.cpu_kernels import load_kernels
         from nnunetv2_dsm.networks.ssm import selective_scan
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert load_kernel() is None
+            assert load_kernels() is None
         assert any("C compiler" in str(w.message) for w in caught), [str(w.message) for w in caught]
         u = torch.randn(1, 2, 50)
         with torch.no_grad():
@@ -139,7 +141,34 @@ def test_without_a_compiler_the_pytorch_scan_takes_over(tmp_path):
 
 
 def test_disabled_by_environment(tmp_path):
-    result = run_python("from nnunetv2_dsm.networks.cpu_scan import load_kernel; print(load_kernel() is None)",
-                        DSM_CACHE=str(tmp_path), DSM_CPU_SCAN_KERNEL="0")
+    result = run_python("from nnunetv2_dsm.networks.cpu_kernels import load_kernels; print(load_kernels() is None)",
+                        DSM_CACHE=str(tmp_path), DSM_CPU_KERNELS="0")
     assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
     assert not (tmp_path / "kernels").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("spatial", "kernel_size"), [((5, 6), 3), ((4, 5, 6), 3), ((3, 4, 7), 5), ((1, 1, 1), 3)])
+def test_diffusion_kernels_equal_the_pytorch_steps(monkeypatch, dtype, spatial, kernel_size):
+    torch.manual_seed(0)
+    module = GuidedFeatureDiffusion(6, 5, steps=2, kernel_size=kernel_size).to(dtype)
+    f = torch.randn(2, 6, *spatial, dtype=dtype)
+    guide = torch.randn(2, 5, *spatial, dtype=dtype)
+    with torch.no_grad():
+        compiled = (module.neighbourhood_weights(guide), module(f, guide))
+        monkeypatch.setattr(cpu_kernels, "load_kernels", lambda: None)
+        reference = (module.neighbourhood_weights(guide), module(f, guide))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for ours, theirs in zip(compiled, reference):
+        assert ours.shape == theirs.shape and ours.dtype == dtype
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+
+
+def test_diffusion_kernels_not_used_when_gradients_are_wanted(monkeypatch):
+    module = GuidedFeatureDiffusion(4, 4)
+    f = torch.randn(1, 4, 5, 5, 5, requires_grad=True)
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "diffusion_step", lambda *a: calls.append(a))
+    monkeypatch.setattr(cpu_kernels, "neighbour_cosine", lambda *a: calls.append(a))
+    module(f).sum().backward()
+    assert not calls and f.grad is not None and module.step_logit.grad is not None
