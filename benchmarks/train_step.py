@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _arch import resenc_arch_kwargs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 from tqdm import tqdm
@@ -28,27 +29,6 @@ from tqdm import tqdm
 RESULTS = Path(__file__).resolve().parent / "results"
 DSM_CLASS = "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-
-
-def arch_kwargs(args: argparse.Namespace) -> dict:
-    """ResEnc arch_kwargs as in nnU-Net ResEnc plans (3d, stride 1 then 2 per stage)."""
-    n_stages = len(args.features)
-    return {
-        "n_stages": n_stages,
-        "features_per_stage": args.features,
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * n_stages,
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
-        "n_blocks_per_stage": args.blocks,
-        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
 
 
 def dsm_kwargs(args: argparse.Namespace) -> dict:
@@ -145,7 +125,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    kwargs = arch_kwargs(args)
+    kwargs = resenc_arch_kwargs(args.features, args.blocks)
     resenc = build(RESENC_CLASS, kwargs, args.num_classes, device)
     dsm = build(DSM_CLASS, {**kwargs, **dsm_kwargs(args)}, args.num_classes, device)
     x = torch.randn(args.batch, 1, *args.patch, device=device)

@@ -212,11 +212,11 @@ def test_masked_cross_attention_empty_mask_falls_back_to_full_attention() -> Non
     f = torch.randn(1, QUERY_DIM, 6)
     logits = torch.full((1, 2, 6), -1.0)
     logits[0, 0, :2] = 1.0
-    out = layer.update(q, f, logits)
-    assert torch.isfinite(out).all()
     pixels = f.transpose(1, 2)
-    restricted, _ = layer.update.attn(q[:, :1], pixels[:, :2], pixels[:, :2], need_weights=False)
-    full, _ = layer.update.attn(q[:, 1:], pixels, pixels, need_weights=False)
+    out = layer.update(q, pixels, logits > 0)
+    assert torch.isfinite(out).all()
+    restricted = layer.update(q[:, :1], pixels[:, :2])
+    full = layer.update(q[:, 1:], pixels)
     torch.testing.assert_close(out[:, :1], restricted)
     torch.testing.assert_close(out[:, 1:], full)
 

@@ -12,8 +12,9 @@ One layer, at one feature level F_l (already projected to ``query_dim``):
    - k-means (kMaX-DeepLab): cluster-wise argmax of M_l over queries gives a one-hot assignment A
      and ``Q <- Q + LN(A . V(F_l))``, the per-cluster SUM of value features. kMaX normalises this
      sum with a 1x1 conv + BatchNorm; a LayerNorm is used here because 3d batches hold two volumes;
-   - or masked cross-attention (Mask2Former): softmax over pixels restricted to ``M_l > 0``, a query
-     with an empty mask attending everywhere;
+   - or masked cross-attention (Mask2Former, ``masked_attention.MaskedCrossAttention``, post-norm
+     residual): softmax over pixels restricted to ``M_l > 0``, a query with an empty mask attending
+     everywhere;
 4. query self-attention and FFN, each ``Q <- GELU(Q + Norm(branch(Q)))`` as in kMaX-DeepLab's
    transformer layer (LayerNorm in place of BatchNorm).
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_dsm.networks.heads import ProjectedDotProduct
+from nnunetv2_dsm.networks.masked_attention import MaskedCrossAttention
 from nnunetv2_dsm.networks.ssm import SSM
 
 
@@ -52,25 +54,6 @@ class KMeansClusterUpdate(nn.Module):
             pooled = torch.bmm(assignment, f.transpose(1, 2))
             counts = assignment.sum(dim=-1, keepdim=True)
             return pooled @ self.value.weight.float().t() + counts * self.value.bias.float()
-
-
-class MaskedCrossAttention(nn.Module):
-    """Mask2Former masked cross-attention of queries to pixels, mask ``M > 0``."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-
-    def forward(self, q: torch.Tensor, f: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-        # q: (B, N, C), f: (B, C, L), mask_logits: (B, N, L) -> (B, N, C)
-        blocked = mask_logits.detach() <= 0
-        blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
-        pixels = f.transpose(1, 2)
-        out, _ = self.attn(
-            q, pixels, pixels, attn_mask=blocked.repeat_interleave(self.num_heads, dim=0), need_weights=False
-        )
-        return out
 
 
 class KMMMLayer(nn.Module):
@@ -109,7 +92,8 @@ class KMMMLayer(nn.Module):
         self.update = (
             KMeansClusterUpdate(query_dim) if use_kmeans else MaskedCrossAttention(query_dim, num_heads)
         )
-        self.update_norm = nn.LayerNorm(query_dim)
+        # The masked cross-attention layer has its own residual and norm.
+        self.update_norm = nn.LayerNorm(query_dim) if use_kmeans else None
         self.self_attn = nn.MultiheadAttention(query_dim, num_heads, batch_first=True)
         self.self_attn_norm = nn.LayerNorm(query_dim)
         self.ffn = nn.Sequential(nn.Linear(query_dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, query_dim))
@@ -129,10 +113,9 @@ class KMMMLayer(nn.Module):
         f = f.flatten(2)
         m = self.mask_logits(q, f)
         if self.use_kmeans:
-            update = self.update(kmeans_assignment(m), f)
+            q = q + self.update_norm(self.update(kmeans_assignment(m), f))
         else:
-            update = self.update(q, f, m)
-        q = q + self.update_norm(update)
+            q = self.update(q, f.transpose(1, 2), m.detach() > 0)
         attended, _ = self.self_attn(q, q, q, need_weights=False)
         q = F.gelu(q + self.self_attn_norm(attended))
         q = F.gelu(q + self.ffn_norm(self.ffn(q)))
