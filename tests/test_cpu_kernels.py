@@ -172,3 +172,33 @@ def test_diffusion_kernels_not_used_when_gradients_are_wanted(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "neighbour_cosine", lambda *a: calls.append(a))
     module(f).sum().backward()
     assert not calls and f.grad is not None and module.step_logit.grad is not None
+
+
+def test_kernels_run_split_in_a_forked_child():
+    # The parent's thread pool exists before the fork; the child must not wait on its dead threads.
+    # Tensors are made so that no torch op runs multi-threaded (libgomp itself hangs in forked children
+    # of a process that used it): B and C come channels-last already, so the kernel wrapper copies nothing.
+    script = """
+        import multiprocessing, torch
+        from nnunetv2_dsm.networks import cpu_kernels
+        from nnunetv2_dsm.networks.cpu_kernels import load_kernels, selective_scan
+        torch.set_num_threads(1)
+        length, d_state = 8192, 64
+        u, delta = torch.randn(1, 2, length), torch.rand(1, 2, length)
+        A = -torch.rand(2, d_state)
+        B, C = (torch.randn(1, 1, length, d_state).transpose(-1, -2) for _ in range(2))
+        torch.set_num_threads(2)
+        expected = selective_scan(load_kernels(), u, delta, A, B, C)
+        assert cpu_kernels._thread_pool.cache_info().currsize == 1  # the split really ran on a pool
+
+        def child(queue):
+            queue.put(bool(torch.equal(selective_scan(load_kernels(), u, delta, A, B, C), expected)))
+
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        process = ctx.Process(target=child, args=(queue,), daemon=True)
+        process.start()
+        print(queue.get(timeout=60))
+    """
+    result = run_python(script)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr

@@ -134,6 +134,10 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="dsm-kernel")
 
 
+# A forked child inherits the pools but not their threads: it must make its own.
+os.register_at_fork(after_in_child=_thread_pool.cache_clear)
+
+
 def _split(function: Callable[..., int | None], args: list, items: int, work_per_item: int) -> list[int | None]:
     """Calls ``function(*args, begin, end)`` over [0, items) split among threads; returns their results."""
     workers = max(1, min(torch.get_num_threads(), items, items * work_per_item // _MIN_WORK_PER_THREAD))
