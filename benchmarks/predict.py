@@ -24,31 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _arch import resenc_arch_kwargs
 from tqdm import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DSM_CLASS = "nnunetv2_dsm.networks.dsm_stage2.DSMStage2Network"
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-
-
-def arch_kwargs(args: argparse.Namespace) -> dict:
-    n_stages = len(args.features)
-    return {
-        "n_stages": n_stages,
-        "features_per_stage": args.features,
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * n_stages,
-        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
-        "n_blocks_per_stage": [1, 3, 4, 6, 6, 6][:n_stages],
-        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -63,7 +44,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    kwargs = arch_kwargs(args)
+    kwargs = resenc_arch_kwargs(args.features)
     required = ["conv_op", "norm_op", "dropout_op", "nonlin"]
     if args.network == "dsm":
         kwargs.update(num_kmmm_layers=4, query_dim=args.query_dim, ffn_dim=2 * args.query_dim, num_heads=4,

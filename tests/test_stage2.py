@@ -107,6 +107,19 @@ def test_open_vocabulary_output_and_anomaly_channel() -> None:
         _tiny_network(organ_channels=[7])
 
 
+def test_prediction_without_gradients_equals_the_differentiable_forward() -> None:
+    # Without gradients the CPU kernels (scan, diffusion) and the in-place head run; the values must not change.
+    net = _tiny_network(dqr_steps=2).eval()
+    net.set_text_embeddings(torch.nn.functional.normalize(torch.randn(3, 8), dim=1))
+    net.export_anomaly = True
+    x = torch.randn(2, 1, 8, 16, 16)
+    with torch.inference_mode():
+        predicted = net(x)
+    differentiable = net(x)
+    assert differentiable.requires_grad
+    torch.testing.assert_close(predicted, differentiable.detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_deep_supervision_stages_prepend_the_semantic_output() -> None:
     assert DSMStage2Network.deep_supervision_stages(5, 4) == [0, 0, 1, 2, 3, 4]
 

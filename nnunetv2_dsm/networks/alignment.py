@@ -50,16 +50,23 @@ def semantic_masks(mask_logits: Tensor, class_probs: Tensor) -> Tensor:
     return torch.einsum("bqk,bq...->bk...", class_probs, torch.sigmoid(mask_logits))
 
 
-def semantic_logits(mask_logits: Tensor, class_probs: Tensor, eps: float = 1e-6) -> Tensor:
-    """Logits of the bounded mixture P~_c (see the module docstring), for BCE with logits."""
+def semantic_logits(mask_logits: Tensor, class_probs: Tensor, eps: float = 1e-6,
+                    overwrite_masks: bool = False) -> Tensor:
+    """Logits of the bounded mixture P~_c (see the module docstring), for BCE with logits.
+
+    ``overwrite_masks=True`` (prediction, no gradients) lets float32 ``mask_logits`` be overwritten
+    by their sigmoid, saving a copy of the largest tensor of the head.
+    """
     # mask_logits: (B, Nq, *S), class_probs: (B, Nq, K) -> (B, K, *S)
     _check_semantic_inputs(mask_logits, class_probs)
     # float32: the mixture is a probability near 0 or 1 whose logit half precision cannot resolve.
     with torch.autocast(mask_logits.device.type, enabled=False):
         probs = class_probs.float()
         weights = probs / probs.sum(dim=1, keepdim=True).clamp(min=1.0)
-        mixture = torch.einsum("bqk,bq...->bk...", weights, torch.sigmoid(mask_logits.float()))
-        return torch.logit(mixture, eps=eps)
+        masks = mask_logits.float()
+        masks = masks.sigmoid_() if overwrite_masks else torch.sigmoid(masks)
+        mixture = torch.einsum("bqk,bq...->bk...", weights, masks)
+        return mixture.logit_(eps=eps) if overwrite_masks else torch.logit(mixture, eps=eps)
 
 
 class TextAlignmentHead(nn.Module):

@@ -74,8 +74,10 @@ class DSMPixelDecoder(UNetDecoder):
         x = skips[-1]
         levels = [self.level_proj[0](x)]
         for s in range(len(self.stages)):
+            # One step per line, as in UNetDecoder, so each intermediate is freed before the next conv.
             x = self.transpconvs[s](x)
-            x = self.stages[s](torch.cat((x, skips[-(s + 2)]), 1))
+            x = torch.cat((x, skips[-(s + 2)]), 1)
+            x = self.stages[s](x)
             if s + 1 < self.num_levels:
                 levels.append(self.level_proj[s + 1](x))
         return levels, x

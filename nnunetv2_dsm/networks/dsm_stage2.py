@@ -226,11 +226,15 @@ class DSMStage2Network(DSMNetwork):
         masks = self.decoder.pixel_proj(all_queries, last_stage)
         final = masks[:, : self.num_classes]
         class_logits = head.alignment(all_queries, head.class_vectors())
-        semantic = semantic_logits(masks, class_logits.softmax(dim=-1))
+        exporting = self.export_anomaly and not self.deep_supervision
+        if exporting:
+            anomaly = -final[:, head.organ_index].amax(dim=1, keepdim=True)
+        # Prediction needs neither the mask logits nor their gradient after the mixture.
+        predicting = not (self.deep_supervision or return_extras or (torch.is_grad_enabled() and masks.requires_grad))
+        semantic = semantic_logits(masks, class_logits.softmax(dim=-1), overwrite_masks=predicting)
         if self.deep_supervision:
             output = [semantic, final, *responses[::-1]]
-        elif self.export_anomaly:
-            anomaly = -final[:, head.organ_index].amax(dim=1, keepdim=True)
+        elif exporting:
             output = torch.cat([semantic, anomaly.to(semantic.dtype)], dim=1)
         else:
             output = semantic
