@@ -65,7 +65,7 @@ def semantic_logits(mask_logits: Tensor, class_probs: Tensor, eps: float = 1e-6,
         weights = probs / probs.sum(dim=1, keepdim=True).clamp(min=1.0)
         masks = mask_logits.float()
         masks = masks.sigmoid_() if overwrite_masks else torch.sigmoid(masks)
-        mixture = torch.einsum("bqk,bq...->bk...", weights, masks)
+        mixture = torch.bmm(weights.transpose(1, 2), masks.flatten(2)).view(-1, weights.shape[2], *masks.shape[2:])
         return mixture.logit_(eps=eps) if overwrite_masks else torch.logit(mixture, eps=eps)
 
 

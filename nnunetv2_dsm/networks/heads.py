@@ -25,9 +25,9 @@ class ProjectedDotProduct(nn.Module):
 
     def forward(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         # q: (B, N, C), f: (B, C_in, *S) -> (B, N, *S)
-        q_in = q @ self.proj.weight
-        logits = torch.einsum("bni,bi...->bn...", q_in, f)
-        return logits + (q @ self.proj.bias).view(*q.shape[:2], *([1] * (f.ndim - 2)))
+        # One batched product straight into the output, bias included: no permuted copy of f.
+        logits = torch.baddbmm((q @ self.proj.bias).unsqueeze(-1), q @ self.proj.weight, f.flatten(2))
+        return logits.view(*q.shape[:2], *f.shape[2:])
 
 
 class ClassHead(nn.Module):
