@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/predict_<device>.json)")
     parser.add_argument("--network", choices=["dsm", "resenc"], help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,8 +139,8 @@ def main() -> None:
             "peak_mib": summary["dsm"]["median_peak_mib"] / max(summary["resenc"]["median_peak_mib"], 1e-9),
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    target = RESULTS / f"predict_{args.device.split(':')[0]}.json"
+    target = args.out or RESULTS / f"predict_{args.device.split(':')[0]}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp_target = target.with_suffix(f".tmp-{os.getpid()}")
     tmp_target.write_text(json.dumps(out, indent=2))
     os.replace(tmp_target, target)
