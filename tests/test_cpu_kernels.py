@@ -202,3 +202,19 @@ def test_kernels_run_split_in_a_forked_child():
     """
     result = run_python(script)
     assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
+
+
+def test_a_compiler_without_march_native_still_builds_the_kernels(tmp_path):
+    wrapper = tmp_path / "cc-no-native"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec cc "$@"\n')
+    wrapper.chmod(0o755)
+    script = """
+        import torch
+        from nnunetv2_dsm.networks.cpu_kernels import load_kernels, selective_scan
+        u, delta = torch.randn(1, 2, 30), torch.rand(1, 2, 30)
+        y = selective_scan(load_kernels(), u, delta, -torch.ones(2, 3), torch.zeros(1, 1, 3, 30),
+                           torch.zeros(1, 1, 3, 30), D=torch.ones(2))
+        print(torch.equal(y, u))
+    """
+    result = run_python(script, DSM_CACHE=str(tmp_path / "cache"), CC=str(wrapper))
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr

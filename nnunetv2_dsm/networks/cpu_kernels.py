@@ -36,7 +36,9 @@ from nnunetv2_dsm.data.fetch import cache_dir
 SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))
 # -ffast-math lets GCC call glibc's SIMD exp (libmvec). Compiling and linking are separate steps: linking
 # with -ffast-math would add crtfastmath.o, which switches the whole process to flush-denormals-to-zero.
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-c")
+COMPILE_FLAGS = ("-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-c")
+# Tried in order: some compilers (older Apple clang on arm64) reject -march=native.
+ARCH_FLAG_SETS = (("-march=native",), ())
 LINK_FLAGS = ("-shared",)
 # libmvec exists on glibc only; elsewhere the kernels link without it and exp stays scalar.
 LIBRARY_SETS = (("-lmvec", "-lm"), ("-lm",))
@@ -66,7 +68,7 @@ def library_path() -> Path:
     key = hashlib.sha256()
     for source in SOURCES:
         key.update(source.name.encode() + source.read_bytes())
-    for part in (" ".join(COMPILE_FLAGS + LINK_FLAGS), platform.machine(), _cpu_flags()):
+    for part in (" ".join(COMPILE_FLAGS + LINK_FLAGS + ARCH_FLAG_SETS[0]), platform.machine(), _cpu_flags()):
         key.update(part.encode())
     return cache_dir() / "kernels" / f"dsm_cpu_kernels-{key.hexdigest()[:16]}.so"
 
@@ -76,9 +78,15 @@ def _compile(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
-        for source, obj in zip(SOURCES, objects):
-            subprocess.run([*compiler, *COMPILE_FLAGS, str(source), "-o", obj], check=True, capture_output=True,
-                           text=True)
+        for arch_flags in ARCH_FLAG_SETS:
+            try:
+                for source, obj in zip(SOURCES, objects):
+                    subprocess.run([*compiler, *COMPILE_FLAGS, *arch_flags, str(source), "-o", obj], check=True,
+                                   capture_output=True, text=True)
+                break
+            except subprocess.CalledProcessError:
+                if arch_flags == ARCH_FLAG_SETS[-1]:
+                    raise
         lib = Path(tmp) / "kernels.so"
         errors = []
         for libraries in LIBRARY_SETS:
