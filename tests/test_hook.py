@@ -58,6 +58,10 @@ def _build_and_unpack(mode: str, tmp_path: Path) -> Path:
     site_dir = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
         assert "nnunetv2_dsm_hook.pth" in zf.namelist(), f"{wheel.name} lacks the start-up hook"
+        if mode == "regular":
+            kernels = {"nnunetv2_dsm/networks/csrc/selective_scan_cpu.c",
+                       "nnunetv2_dsm/networks/csrc/guided_diffusion_cpu.c"}
+            assert kernels <= set(zf.namelist()), f"{wheel.name} lacks the CPU kernel sources"
         zf.extractall(site_dir)
     return site_dir
 
