@@ -85,33 +85,25 @@ def assert_parity(reference, inputs, rtol=1e-4):
             torch.testing.assert_close(g_our, g_ref, rtol=rtol, atol=rtol * g_ref.abs().max().item(), msg=name)
 
 
-@pytest.mark.parametrize(
-    ("shape", "options"),
-    [
-        ((2, 8, 4, 100, None), {}),
-        ((1, 6, 16, 257, 2), {}),
-        ((2, 8, 8, 130, 4), {"with_d": False, "with_z": False}),
-        ((1, 5, 3, 70, None), {"with_bias": False, "softplus": False}),
-        ((2, 4, 16, 1, None), {}),
-    ],
-)
+# (batch, dim, d_state, length, groups), make_inputs options
+PARITY_CASES = [
+    ((2, 8, 4, 100, None), {}),
+    ((1, 6, 16, 257, 2), {}),
+    ((2, 8, 8, 130, 4), {"with_d": False, "with_z": False}),
+    ((1, 5, 3, 70, None), {"with_bias": False, "softplus": False}),
+    ((2, 4, 16, 1, None), {}),
+]
+FAST_DECAY_CASE = ((1, 4, 8, 300, None), {"delta_shift": 3.0})
+LONG_CASE = ((1, 3, 4, 12_000, 1), {"seed": 1})
+
+
+@pytest.mark.parametrize(("shape", "options"), PARITY_CASES)
 def test_parity_with_mamba_reference(reference, shape, options):
     batch, dim, d_state, length, groups = shape
     assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options))
 
 
-@pytest.mark.parametrize(
-    ("shape", "options"),
-    [
-        ((2, 8, 4, 100, None), {}),
-        ((1, 6, 16, 257, 2), {}),
-        ((2, 8, 8, 130, 4), {"with_d": False, "with_z": False}),
-        ((1, 5, 3, 70, None), {"with_bias": False, "softplus": False}),
-        ((2, 4, 16, 1, None), {}),
-        ((1, 4, 8, 300, None), {"delta_shift": 3.0}),
-        ((1, 3, 4, 12_000, 1), {"seed": 1}),
-    ],
-)
+@pytest.mark.parametrize(("shape", "options"), [*PARITY_CASES, FAST_DECAY_CASE, LONG_CASE])
 def test_no_grad_parity_with_mamba_reference(reference, no_grad_path, shape, options):
     batch, dim, d_state, length, groups = shape
     inputs = make_inputs(batch, dim, d_state, length, groups, **options)
@@ -123,11 +115,13 @@ def test_no_grad_parity_with_mamba_reference(reference, no_grad_path, shape, opt
 
 def test_parity_with_fast_decay_splits_chunks(reference):
     # delta ~ 3 with |A| up to 8.5 decays by ~2^-35 per step: chunks must be split to stay finite.
-    assert_parity(reference, make_inputs(1, 4, 8, 300, delta_shift=3.0))
+    (batch, dim, d_state, length, groups), options = FAST_DECAY_CASE
+    assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options))
 
 
 def test_parity_long_sequence(reference):
-    assert_parity(reference, make_inputs(1, 3, 4, 12_000, 1, seed=1), rtol=2e-4)
+    (batch, dim, d_state, length, groups), options = LONG_CASE
+    assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options), rtol=2e-4)
 
 
 def test_chunked_equals_stepwise_recurrence_float64():
