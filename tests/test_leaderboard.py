@@ -13,6 +13,7 @@ from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from nnunetv2_dsm.cli import leaderboard as cli_leaderboard
+from nnunetv2_dsm.evaluation import leaderboard as lb
 from nnunetv2_dsm.evaluation.evaluate import evaluate_folder
 from nnunetv2_dsm.evaluation.leaderboard import (
     MEAN_DSC,
@@ -219,6 +220,31 @@ def test_best_marking_higher_and_lower_is_better(results):
     assert entries[DSM].cells[MEAN_DSC].best and not entries[STOCK].cells[MEAN_DSC].best
 
 
+def test_summary_is_the_macro_mean_and_best_needs_full_class_coverage(results):
+    board = build_leaderboard(collect_results([results]))
+    columns, entries = _entries(board)
+    for entry in entries.values():
+        for kind, cell in entry.summary.items():
+            means = [entry.cells[c].mean for c in columns if c.kind == kind and c.cls is not None and c in entry.cells]
+            assert cell.n == len(means) and cell.mean == pytest.approx(np.mean(means))
+            assert cell.std == pytest.approx(np.std(means))
+    assert entries[STOCK].summary["DSC"].n == 3 and "AUROC" not in entries[STOCK].summary
+    assert entries[DSM].summary["AUROC"].n == 1
+    dsc = {name: e.summary["DSC"] for name, e in entries.items()}
+    assert [n for n, c in dsc.items() if c.best] == [max(dsc, key=lambda n: dsc[n].mean)]
+    # An entry scored on fewer classes cannot win, even with perfect scores on the classes it has.
+    dsm = entries[DSM]
+    class_columns = [c for c in columns if c.kind == "DSC" and c.cls is not None]
+    del dsm.cells[class_columns[0]]
+    for column in class_columns[1:]:
+        dsm.cells[column].mean = 1.0
+    for entry in entries.values():
+        entry.summary.clear()
+    lb._summarise(list(entries.values()))
+    assert dsm.summary["DSC"].n == 2 and dsm.summary["DSC"].mean == 1.0 and not dsm.summary["DSC"].best
+    assert sum(e.summary["DSC"].best for e in entries.values()) == 1
+
+
 def test_written_tables_and_plots(results, tmp_path):
     board, paths = make_leaderboard([results], tmp_path)
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html"):
@@ -235,14 +261,22 @@ def test_written_tables_and_plots(results, tmp_path):
     md = (tmp_path / "leaderboard.md").read_text()
     assert "## Dataset001_Toy" in md and "## Dataset002_Other" in md
     assert "FPR95 liver_tumor ↓" in md and "AUROC liver_tumor ↑" in md
+    toy = md.split("## Dataset001_Toy")[1].split("## Dataset002_Other")[0]
+    summary_md, per_class_md = toy.split("### Per class")
+    assert "### Summary" in summary_md and "| DSC ↑ | AUROC ↑ | FPR95 ↓ |" in summary_md
+    dsm_summary = next(
+        line for line in summary_md.splitlines() if line.startswith("| DSMTrainer | DSMPlans | 3d_fullres")
+    )
+    dsc = entries[DSM].summary["DSC"]
+    assert f"{dsc.mean:.4f} ± {dsc.std:.4f} (3)" in dsm_summary
     dsm_row = next(
-        line for line in md.splitlines() if line.startswith("| DSMTrainer | DSMPlans | 3d_fullres")
+        line for line in per_class_md.splitlines() if line.startswith("| DSMTrainer | DSMPlans | 3d_fullres")
     )
     fpr = entries[DSM].cells[Column("FPR95", "liver_tumor")]
     assert f"**{fpr.mean:.4f} ± {fpr.std:.4f}**" in dsm_row
     assert dsm_row.endswith("| metrics.json (ROI image)+summary.json |")
     stock_row = next(
-        line for line in md.splitlines() if line.startswith("| nnUNetTrainer | nnUNetPlans | 3d_fullres")
+        line for line in per_class_md.splitlines() if line.startswith("| nnUNetTrainer | nnUNetPlans | 3d_fullres")
     )
     assert stock_row.count("–") == 2  # no AUROC/FPR95 for the stock trainer
     assert "| 0,1 | 4 |" in stock_row

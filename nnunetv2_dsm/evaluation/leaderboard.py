@@ -106,6 +106,8 @@ class Entry:
     n_cases: int
     sources: list[str]
     cells: dict[Column, Cell] = field(default_factory=dict)
+    # metric kind -> macro mean over this entry's per-class cells (std over classes, n = classes)
+    summary: dict[str, Cell] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -286,6 +288,7 @@ def build_leaderboard(folds: Sequence[FoldResult]) -> Leaderboard:
         entries.append(entry)
         order.extend(c for c in pooled if c not in order)
     for order, entries in datasets.values():
+        _summarise(entries)
         # A stable sort keeps the dataset.json class order within each metric kind.
         order.sort(key=_column_order)
         for column in order:
@@ -298,8 +301,42 @@ def build_leaderboard(folds: Sequence[FoldResult]) -> Leaderboard:
     return Leaderboard(datasets)
 
 
+def _summarise(entries: Sequence[Entry]) -> None:
+    """Per metric kind, the macro mean over each entry's classes; best among the entries covering the most classes.
+
+    An entry scored on fewer classes (a stock trainer without anomaly maps, a class without annotated
+    validation cases) cannot win a summary column by what it leaves out.
+    """
+    for entry in entries:
+        for kind in _KIND_ORDER:
+            means = [c.mean for col, c in entry.cells.items() if col.kind == kind and col.cls is not None]
+            if means:
+                entry.summary[kind] = Cell(float(np.mean(means)), float(np.std(means)), len(means))
+    for kind in _KIND_ORDER:
+        cells = [e.summary[kind] for e in entries if kind in e.summary]
+        if not cells:
+            continue
+        widest = max(c.n for c in cells)
+        contenders = [c for c in cells if c.n == widest]
+        best = (min if Column(kind).lower_is_better else max)(c.mean for c in contenders)
+        for cell in contenders:
+            cell.best = math.isclose(cell.mean, best, rel_tol=0.0, abs_tol=1e-12)
+
+
+def _summary_kinds(entries: Sequence[Entry]) -> list[str]:
+    return [k for k in _KIND_ORDER if any(k in e.summary for e in entries)]
+
+
+def _summary_header(kind: str) -> str:
+    return f"{kind} {'↓' if Column(kind).lower_is_better else '↑'}"
+
+
 def _fmt(cell: Cell | None) -> str:
     return "–" if cell is None else f"{cell.mean:.4f} ± {cell.std:.4f}"
+
+
+def _fmt_summary(cell: Cell | None) -> str:
+    return "–" if cell is None else f"{cell.mean:.4f} ± {cell.std:.4f} ({cell.n})"
 
 
 _FIXED = ("Trainer", "Plans", "Configuration", "Folds", "Cases")
@@ -311,6 +348,12 @@ _NOTE = (
 )
 
 
+_SUMMARY_NOTE = (
+    "Summary: per metric, the mean over classes of the per-class means below (± std over classes; the "
+    "number of classes in brackets). Best in bold among the entries scored on the most classes."
+)
+
+
 def _fixed_cells(entry: Entry) -> list[str]:
     return [entry.trainer, entry.plans, entry.configuration, ",".join(entry.folds), str(entry.n_cases)]
 
@@ -318,8 +361,20 @@ def _fixed_cells(entry: Entry) -> list[str]:
 def to_markdown(board: Leaderboard) -> str:
     lines = ["# Leaderboard", "", _NOTE]
     for dataset, (columns, entries) in board.datasets.items():
+        lines += ["", f"## {dataset}"]
+        kinds = _summary_kinds(entries)
+        if kinds:
+            header = [*_FIXED, *map(_summary_header, kinds)]
+            lines += ["", "### Summary", "", _SUMMARY_NOTE, "", "| " + " | ".join(header) + " |",
+                      "|" + "---|" * len(header)]
+            for entry in entries:
+                cells = [entry.summary.get(kind) for kind in kinds]
+                row = [*_fixed_cells(entry),
+                       *(f"**{_fmt_summary(c)}**" if c is not None and c.best else _fmt_summary(c) for c in cells)]
+                lines.append("| " + " | ".join(v.replace("|", "\\|") for v in row) + " |")
+            lines += ["", "### Per class"]
         header = [*_FIXED, *(c.header for c in columns), "Source"]
-        lines += ["", f"## {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for entry in entries:
             cells = []
             for column in columns:
@@ -342,6 +397,19 @@ def to_html(board: Leaderboard, images: Mapping[str, str] | None = None) -> str:
     ]
     for dataset, (columns, entries) in board.datasets.items():
         parts.append(f"<h2>{html.escape(dataset)}</h2>")
+        kinds = _summary_kinds(entries)
+        if kinds:
+            parts += ["<h3>Summary</h3>", f"<p>{html.escape(_SUMMARY_NOTE)}</p>", "<table><tr>"]
+            parts += [f"<th>{html.escape(h)}</th>" for h in (*_FIXED, *map(_summary_header, kinds))]
+            parts.append("</tr>")
+            for entry in entries:
+                row = [f"<td>{html.escape(v)}</td>" for v in _fixed_cells(entry)]
+                for kind in kinds:
+                    cell = entry.summary.get(kind)
+                    text = html.escape(_fmt_summary(cell))
+                    row.append(f"<td><b>{text}</b></td>" if cell is not None and cell.best else f"<td>{text}</td>")
+                parts.append("<tr>" + "".join(row) + "</tr>")
+            parts += ["</table>", "<h3>Per class</h3>"]
         parts.append("<table><tr>")
         parts += [f"<th>{html.escape(h)}</th>" for h in (*_FIXED, *(c.header for c in columns), "Source")]
         parts.append("</tr>")
@@ -378,28 +446,16 @@ CSV_HEADER = (
 
 
 def to_csv_rows(board: Leaderboard) -> list[list[Any]]:
-    """Long format: one row per (entry, metric column) that has values."""
+    """Long format: one row per (entry, metric column) that has values, then the summary ("macro <kind>", n = classes)."""
     rows = []
     for dataset, (columns, entries) in board.datasets.items():
         for entry in entries:
-            for column in columns:
-                cell = entry.cells.get(column)
+            labelled = [(c.label, entry.cells.get(c)) for c in columns]
+            labelled += [(f"macro {kind}", entry.summary.get(kind)) for kind in _summary_kinds(entries)]
+            for label, cell in labelled:
                 if cell is not None:
-                    rows.append(
-                        [
-                            dataset,
-                            entry.trainer,
-                            entry.plans,
-                            entry.configuration,
-                            ";".join(entry.folds),
-                            column.label,
-                            cell.mean,
-                            cell.std,
-                            cell.n,
-                            cell.best,
-                            "+".join(entry.sources),
-                        ]
-                    )
+                    rows.append([dataset, entry.trainer, entry.plans, entry.configuration, ";".join(entry.folds),
+                                 label, cell.mean, cell.std, cell.n, cell.best, "+".join(entry.sources)])
     return rows
 
 
