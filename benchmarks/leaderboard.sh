@@ -18,7 +18,7 @@
 #
 # Environment: MODELS (space-separated subset of: stage1 noKMMM noSSM resenc stage2 stage2_noAMVP
 #   stage2_noDQR stage2_noCLIP; default all),
-# DSM_SEED (default 0). Needs the package installed (pip install .) and about 30 minutes on 2 CPU cores.
+# DSM_SEED (default 0). Needs the package installed (pip install .) and about 25 minutes on 2 CPU cores.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
