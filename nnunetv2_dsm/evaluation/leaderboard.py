@@ -358,30 +358,61 @@ def _fixed_cells(entry: Entry) -> list[str]:
     return [entry.trainer, entry.plans, entry.configuration, ",".join(entry.folds), str(entry.n_cases)]
 
 
+# A rendered table: header, then rows of (text, marked best) cells.
+_Table = tuple[list[str], list[list[tuple[str, bool]]]]
+
+
+def _tables(columns: Sequence[Column], entries: Sequence[Entry]) -> tuple[_Table | None, _Table]:
+    """A dataset's summary table (None without per-class metrics) and its per-class table."""
+
+    def rows(cells_of, fmt, extra=lambda entry: []) -> list[list[tuple[str, bool]]]:
+        return [
+            [(v, False) for v in _fixed_cells(e)]
+            + [(fmt(c), c is not None and c.best) for c in cells_of(e)]
+            + [(v, False) for v in extra(e)]
+            for e in entries
+        ]
+
+    kinds = _summary_kinds(entries)
+    summary = (
+        ([*_FIXED, *map(_summary_header, kinds)], rows(lambda e: [e.summary.get(k) for k in kinds], _fmt_summary))
+        if kinds
+        else None
+    )
+    per_class = (
+        [*_FIXED, *(c.header for c in columns), "Source"],
+        rows(lambda e: [e.cells.get(c) for c in columns], _fmt, lambda e: ["+".join(e.sources)]),
+    )
+    return summary, per_class
+
+
+def _markdown_table(table: _Table) -> list[str]:
+    header, rows = table
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"**{text}**" if best else text for text, best in row]
+        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in cells) + " |")
+    return lines
+
+
+def _html_table(table: _Table) -> list[str]:
+    header, rows = table
+    parts = ["<table><tr>", *(f"<th>{html.escape(h)}</th>" for h in header), "</tr>"]
+    for row in rows:
+        cells = (f"<td><b>{html.escape(t)}</b></td>" if best else f"<td>{html.escape(t)}</td>" for t, best in row)
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    return parts
+
+
 def to_markdown(board: Leaderboard) -> str:
     lines = ["# Leaderboard", "", _NOTE]
     for dataset, (columns, entries) in board.datasets.items():
         lines += ["", f"## {dataset}"]
-        kinds = _summary_kinds(entries)
-        if kinds:
-            header = [*_FIXED, *map(_summary_header, kinds)]
-            lines += ["", "### Summary", "", _SUMMARY_NOTE, "", "| " + " | ".join(header) + " |",
-                      "|" + "---|" * len(header)]
-            for entry in entries:
-                cells = [entry.summary.get(kind) for kind in kinds]
-                row = [*_fixed_cells(entry),
-                       *(f"**{_fmt_summary(c)}**" if c is not None and c.best else _fmt_summary(c) for c in cells)]
-                lines.append("| " + " | ".join(v.replace("|", "\\|") for v in row) + " |")
-            lines += ["", "### Per class"]
-        header = [*_FIXED, *(c.header for c in columns), "Source"]
-        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for entry in entries:
-            cells = []
-            for column in columns:
-                cell = entry.cells.get(column)
-                cells.append(f"**{_fmt(cell)}**" if cell is not None and cell.best else _fmt(cell))
-            row = [*_fixed_cells(entry), *cells, "+".join(entry.sources)]
-            lines.append("| " + " | ".join(v.replace("|", "\\|") for v in row) + " |")
+        summary, per_class = _tables(columns, entries)
+        if summary is not None:
+            lines += ["", "### Summary", "", _SUMMARY_NOTE, "", *_markdown_table(summary), "", "### Per class"]
+        lines += ["", *_markdown_table(per_class)]
     return "\n".join(lines) + "\n"
 
 
@@ -397,33 +428,11 @@ def to_html(board: Leaderboard, images: Mapping[str, str] | None = None) -> str:
     ]
     for dataset, (columns, entries) in board.datasets.items():
         parts.append(f"<h2>{html.escape(dataset)}</h2>")
-        kinds = _summary_kinds(entries)
-        if kinds:
-            parts += ["<h3>Summary</h3>", f"<p>{html.escape(_SUMMARY_NOTE)}</p>", "<table><tr>"]
-            parts += [f"<th>{html.escape(h)}</th>" for h in (*_FIXED, *map(_summary_header, kinds))]
-            parts.append("</tr>")
-            for entry in entries:
-                row = [f"<td>{html.escape(v)}</td>" for v in _fixed_cells(entry)]
-                for kind in kinds:
-                    cell = entry.summary.get(kind)
-                    text = html.escape(_fmt_summary(cell))
-                    row.append(f"<td><b>{text}</b></td>" if cell is not None and cell.best else f"<td>{text}</td>")
-                parts.append("<tr>" + "".join(row) + "</tr>")
-            parts += ["</table>", "<h3>Per class</h3>"]
-        parts.append("<table><tr>")
-        parts += [f"<th>{html.escape(h)}</th>" for h in (*_FIXED, *(c.header for c in columns), "Source")]
-        parts.append("</tr>")
-        for entry in entries:
-            row = [f"<td>{html.escape(v)}</td>" for v in _fixed_cells(entry)]
-            for column in columns:
-                cell = entry.cells.get(column)
-                text = html.escape(_fmt(cell))
-                row.append(
-                    f"<td><b>{text}</b></td>" if cell is not None and cell.best else f"<td>{text}</td>"
-                )
-            row.append(f"<td>{html.escape('+'.join(entry.sources))}</td>")
-            parts.append("<tr>" + "".join(row) + "</tr>")
-        parts.append("</table>")
+        summary, per_class = _tables(columns, entries)
+        if summary is not None:
+            parts += ["<h3>Summary</h3>", f"<p>{html.escape(_SUMMARY_NOTE)}</p>", *_html_table(summary),
+                      "<h3>Per class</h3>"]
+        parts += _html_table(per_class)
         if images and dataset in images:
             parts.append(f'<img src="{html.escape(images[dataset])}" alt="{html.escape(dataset)} bar plot">')
     parts.append("</body></html>")
