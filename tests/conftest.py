@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnunetv2_dsm.data.fetch import example_ct_dir as _example_ct_dir
 
@@ -9,3 +10,13 @@ from nnunetv2_dsm.data.fetch import example_ct_dir as _example_ct_dir
 def example_ct_dir() -> Path:
     """Real CT reference files from the TotalSegmentator source distribution (cached download)."""
     return _example_ct_dir()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: unit tests run thousands of tiny ops, where extra threads only add
+    synchronisation on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

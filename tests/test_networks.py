@@ -19,12 +19,7 @@ from nnunetv2_dsm.networks.kmmm import KMeansClusterUpdate, KMMMLayer, kmeans_as
 QUERY_DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resenc_kwargs(dim: int, n_stages: int, strides: list, conv_bias: bool = True) -> dict:

@@ -16,13 +16,7 @@ from nnunetv2_dsm.networks.ssm import SSM, selective_scan
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Thousands of tiny ops: extra threads only add synchronisation on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["kernel", "torch"])

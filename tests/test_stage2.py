@@ -60,12 +60,7 @@ def _tiny_network(**stage2) -> DSMStage2Network:
     return DSMStage2Network(1, 4, **_conv_kwargs(), **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- network ---------------------------------------------------------------------------------------

@@ -22,12 +22,8 @@ SPATIAL = {2: (6, 7), 3: (4, 5, 3)}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seeded(one_thread):
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(previous)
 
 
 def assert_every_parameter_has_gradient(module: nn.Module) -> None:
