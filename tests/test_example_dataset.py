@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from nnunetv2_dsm.data import fetch
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset, read_ct
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
+from nnunetv2_dsm.io.orientation import image_orientation
 from nnunetv2_dsm.vocabulary import CANONICAL
 
 
@@ -34,11 +35,16 @@ def test_recipe_writes_canonical_nnunet_dataset(example_dataset: Path, example_c
     assert dataset_json["numTraining"] == len(cases)
     check_dsm_dataset_json(dataset_json, "dataset.json")
 
-    dicom = read_ct(example_ct_dir / "example_ct_dicom")
+    # The DICOM series is stored LPS; the dataset stores every case RAS (same voxels, axes flipped).
+    dicom = sitk.DICOMOrient(read_ct(example_ct_dir / "example_ct_dicom"), "RAS")
+    assert dataset_json["dsm"]["orientation"] == "RAS"
+    for path in [*(example_dataset / "imagesTr").iterdir(), *(example_dataset / "labelsTr").iterdir()]:
+        assert image_orientation(sitk.ReadImage(str(path))) == "RAS", path
     image = sitk.ReadImage(str(example_dataset / "imagesTr" / "tsexample_dicom_0000.nii.gz"))
     label = sitk.ReadImage(str(example_dataset / "labelsTr" / "tsexample_dicom.nii.gz"))
     assert image.GetSize() == dicom.GetSize() == label.GetSize() == (512, 512, 20)
     assert np.allclose(image.GetOrigin(), dicom.GetOrigin()) and np.allclose(label.GetOrigin(), dicom.GetOrigin())
+    assert image.GetDirection() == dicom.GetDirection() == label.GetDirection()
     assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(dicom).astype(np.int16))
     liver = sitk.GetArrayFromImage(label) == labels["liver"]
     # The DICOM label comes from a NIfTI with flipped axes: after alignment the liver lies on real

@@ -12,6 +12,7 @@ from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
 
 from nnunetv2_dsm.cli import merge as merge_cli
 from nnunetv2_dsm.data.merge import MergeError, MergeSource, merge_datasets
+from nnunetv2_dsm.io.orientation import image_orientation
 
 SHAPE = (8, 10, 12)
 
@@ -43,7 +44,10 @@ def blocks(values: list[int]) -> np.ndarray:
 
 
 def value_at(path: Path, k: int) -> int:
-    return int(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[2, 2, 2 * k])
+    # Sources are written LPS (identity direction); merged datasets store RAS: compare in LPS.
+    image = sitk.ReadImage(str(path))
+    assert image_orientation(image) == "RAS", path
+    return int(sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))[2, 2, 2 * k])
 
 
 def verify_integrity(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

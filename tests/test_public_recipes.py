@@ -14,6 +14,7 @@ from nnunetv2_dsm.cli import recipe as recipe_cli
 from nnunetv2_dsm.data.public_recipes import RECIPES, RecipeError, convert, left_side
 from nnunetv2_dsm.data.raw_dataset import Geometry
 from nnunetv2_dsm.data.totalseg_names import TOTALSEG_TO_CANONICAL
+from nnunetv2_dsm.io.orientation import image_orientation
 
 SHAPE = (16, 16, 16)
 SPACING = (1.5, 1.25, 2.0)
@@ -237,7 +238,10 @@ def test_recipe(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         seg = sitk.ReadImage(str(out / "labelsTr" / f"{case_id}.nii.gz"))
         img = sitk.ReadImage(str(out / "imagesTr" / f"{case_id}_0000.nii.gz"))
         assert seg.GetSpacing() == pytest.approx(SPACING) and seg.GetOrigin() == img.GetOrigin()
-        arr = sitk.GetArrayFromImage(seg)
+        # Every output is stored in the canonical orientation; voxels are compared in the source's (LPS).
+        assert image_orientation(seg) == image_orientation(img) == "RAS"
+        assert dj["dsm"]["orientation"] == "RAS"
+        arr = sitk.GetArrayFromImage(sitk.DICOMOrient(seg, "LPS"))
         for voxel, (source_id, side) in where.items():
             if name == "totalseg":
                 assert arr[voxel] == own_id(labels, side)
@@ -264,8 +268,11 @@ def test_lits_nii_images_are_recompressed_with_their_geometry(tmp_path: Path):
     out = convert("lits", src, tmp_path / "out")
     original = sitk.ReadImage(str(src / "Training Batch 1" / "volume-0.nii"))
     copied = sitk.ReadImage(str(out / "imagesTr" / "lits_000_0000.nii.gz"))
-    assert np.array_equal(sitk.GetArrayFromImage(original), sitk.GetArrayFromImage(copied))
-    assert copied.GetDirection() == original.GetDirection() and copied.GetOrigin() == original.GetOrigin()
+    assert image_orientation(copied) == "RAS"
+    back = sitk.DICOMOrient(copied, image_orientation(original))
+    assert np.array_equal(sitk.GetArrayFromImage(original), sitk.GetArrayFromImage(back))
+    assert back.GetDirection() == original.GetDirection()
+    assert np.allclose(back.GetOrigin(), original.GetOrigin(), atol=1e-6)
 
 
 def test_side_split_follows_the_physical_axis_not_the_array():

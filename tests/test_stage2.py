@@ -345,3 +345,25 @@ def test_stock_nnunet_predict_uses_the_trained_classes(env: dict, stage2: Path, 
     assert _same_geometry(prediction, sitk.ReadImage(str(inputs / f"{TEST_CASE}_0000.nii.gz")))
     num_classes = len(json.loads((stage2 / "dataset.json").read_text())["labels"]) - 1
     assert set(np.unique(sitk.GetArrayFromImage(prediction)).tolist()) <= set(range(num_classes + 1))
+
+
+def test_prediction_does_not_depend_on_input_orientation(stage2: Path, inputs: Path, tmp_path: Path) -> None:
+    """The same case stored RAS (as trained) and LPS gives the same maps, each in its input's own grid."""
+    image = sitk.ReadImage(str(inputs / f"{TEST_CASE}_0000.nii.gz"))
+    maps = {}
+    for code in ("RAS", "LPS"):
+        folder = tmp_path / code
+        folder.mkdir()
+        sitk.WriteImage(sitk.DICOMOrient(image, code), str(folder / f"{TEST_CASE}_0000.nii.gz"))
+        out = tmp_path / f"pred_{code}"
+        args = _cli().parse_args(["predict", "-i", str(folder), "-o", str(out), "-m", str(stage2), "-f", "0",
+                                  "--prompts", "liver tumor", "--device", "cpu", "--disable-tta"])
+        assert args.func(args) == 0
+        source = sitk.ReadImage(str(folder / f"{TEST_CASE}_0000.nii.gz"))
+        maps[code] = []
+        for path in (out / f"{TEST_CASE}.nii.gz", out / "scores" / f"{TEST_CASE}_liver_tumor.nii.gz"):
+            written = sitk.ReadImage(str(path))
+            assert _geometry(written) == _geometry(source), "bit-exact input geometry"
+            maps[code].append(sitk.GetArrayFromImage(sitk.DICOMOrient(written, "RAS")))
+    assert np.array_equal(maps["RAS"][0], maps["LPS"][0])
+    assert np.allclose(maps["RAS"][1], maps["LPS"][1], atol=1e-5)

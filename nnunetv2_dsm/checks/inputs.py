@@ -35,6 +35,8 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
+from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
+from nnunetv2_dsm.io.orientation import image_orientation, mixed_orientations
 
 PathLike = str | os.PathLike
 Plans = dict | PathLike | PlansManager  # plans dict, plans.json path or nnU-Net's PlansManager
@@ -651,10 +653,13 @@ def check_raw_dataset(dataset_folder: PathLike, progress: bool = True) -> list[I
             json_path, f"declares numTraining {n_training} but the training images hold {n_image_cases} case(s).",
             f"set numTraining to {n_image_cases}, or add the missing cases"
         ))
+    orientations: dict[str, str] = {}
     for entry in tqdm(cases.values(), desc="Checking training cases", unit="case", disable=not progress):
         image, case_problems = _check_case_images(entry["images"], n_channels, json_path,
                                                   listed="dataset" in dataset_json)
         problems += case_problems
+        if image is not None:
+            orientations[entry["images"][0]] = image_orientation(image)
         problems += _check_label(Path(entry["label"]), image, entry["images"][0] if entry["images"] else "",
                                  allowed, json_path)
     test_dir = folder / "imagesTs"
@@ -663,8 +668,32 @@ def check_raw_dataset(dataset_folder: PathLike, progress: bool = True) -> list[I
         if misnamed:
             problems.append(_misnamed_error(misnamed, dataset_json["file_ending"], label_folder=False))
         for files in tqdm(test_cases.values(), desc="Checking test cases", unit="case", disable=not progress):
-            problems += _check_case_images(files, n_channels, json_path)[1]
+            image, case_problems = _check_case_images(files, n_channels, json_path)
+            problems += case_problems
+            if image is not None:
+                orientations[files[0]] = image_orientation(image)
+    mixed = mixed_orientation_error(orientations)
+    if mixed is not None:
+        problems.append(mixed)
     return problems
+
+
+def mixed_orientation_error(orientations: dict[str, str]) -> InputError | None:
+    """An error listing the cases per orientation when image files (path -> code) mix orientations."""
+    groups = mixed_orientations(orientations)
+    if groups is None:
+        return None
+    summary = "; ".join(f"{code}: {len(files)} case(s), e.g. {_listing([Path(f).name for f in files])}"
+                        for code, files in groups.items())
+    return InputError(
+        [files[0] for files in groups.values()],
+        f"mix image orientations ({summary}). nnU-Net's SimpleITK reader ignores the direction cosines, so "
+        "the network would train on flipped or transposed anatomy.",
+        f"store every case in one orientation: `nnunetv2_dsm merge`, `recipe` and `example-dataset` write "
+        f"{CANONICAL_ORIENTATION}; for an existing dataset reorient each file losslessly, e.g. "
+        f"sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(f), '{CANONICAL_ORIENTATION}'), f), images and "
+        "labels alike",
+    )
 
 
 def check_prediction_inputs(input_folder: PathLike, dataset_json: dict | PathLike, plans: Plans,

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
+from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, orientation_code, reorient
 from nnunetv2_dsm.vocabulary import ORGANS, TUMOUR_PARENTS, TUMOURS, check_canonical
 
 FILE_ENDING = ".nii.gz"
@@ -85,6 +87,7 @@ def dsm_dataset_json(
     out["dsm"] = {
         "class_availability": {k: list(v) for k, v in class_availability.items()},
         "sources": dict(sources),
+        ORIENTATION_KEY: CANONICAL_ORIENTATION,
         **(dict(extra_dsm) if extra_dsm else {}),
     }
     return out
@@ -169,6 +172,11 @@ class Geometry:
         return cls(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
     @property
+    def orientation(self) -> str:
+        """ITK orientation code of the grid ("RAS", "LPS", ...)."""
+        return orientation_code(self.direction)
+
+    @property
     def array_spacing(self) -> tuple[float, ...]:
         """Spacing in numpy array axis order (z, y, x)."""
         return tuple(reversed(self.spacing))
@@ -199,11 +207,21 @@ def read_array(path: Path) -> tuple[np.ndarray, Geometry]:
     return sitk.GetArrayFromImage(image), Geometry.of_image(image)
 
 
+def write_image(image: sitk.Image, path: Path) -> None:
+    """Write ``image`` in the canonical orientation (compressed NIfTI when the name ends in .nii.gz).
+
+    Every image and label a DSM dataset writer produces goes through here, so all cases of a
+    dataset share one orientation (:mod:`nnunetv2_dsm.io.orientation`); reorientation permutes and
+    flips voxel axes only, so label values are preserved exactly.
+    """
+    sitk.WriteImage(reorient(image, CANONICAL_ORIENTATION), str(path), useCompression=True)
+
+
 def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:
-    """Write a (z, y, x) array with ``geometry`` (compressed NIfTI when the name ends in .nii.gz)."""
+    """Write a (z, y, x) array with ``geometry``, stored in the canonical orientation."""
     if tuple(array.shape) != geometry.array_shape:
         raise ValueError(f"{path}: array shape {array.shape} does not match the image grid {geometry.array_shape}")
-    sitk.WriteImage(geometry.apply(sitk.GetImageFromArray(array)), str(path), useCompression=True)
+    write_image(geometry.apply(sitk.GetImageFromArray(array)), path)
 
 
 def label_dtype(max_id: int) -> type:
@@ -226,11 +244,12 @@ def case_paths(root: Path, case_id: str, split: str = "Tr") -> tuple[Path, Path]
 
 
 def copy_image(src: Path, dst: Path) -> None:
-    """Copy a compressed NIfTI byte for byte; re-encode anything else (e.g. ``.nii``) with SimpleITK."""
-    if str(src).endswith(FILE_ENDING):
+    """Copy a compressed NIfTI in the canonical orientation byte for byte; reorient or re-encode
+    anything else (another orientation, ``.nii``) with SimpleITK."""
+    if str(src).endswith(FILE_ENDING) and Geometry.of_file(src).orientation == CANONICAL_ORIENTATION:
         shutil.copyfile(src, dst)
     else:
         try:
-            sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), useCompression=True)
+            write_image(sitk.ReadImage(str(src)), dst)
         except RuntimeError as e:
             raise RuntimeError(f"Cannot convert image {src} to {dst}: {e}") from e

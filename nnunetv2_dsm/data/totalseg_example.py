@@ -20,7 +20,10 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunetv2_dsm.data.fetch import example_ct_dir
+from nnunetv2_dsm.data.raw_dataset import write_image
 from nnunetv2_dsm.data.totalseg_names import TOTALSEG_TO_CANONICAL, TOTALSEG_TOTAL_IDS
+from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
+from nnunetv2_dsm.io.orientation import ORIENTATION_KEY
 from nnunetv2_dsm.vocabulary import CANONICAL
 
 NUM_SLABS = 3
@@ -118,8 +121,8 @@ def build_example_dataset(out_dir: str | os.PathLike, classes: list[str] | None 
             image = sitk.Cast(image, sitk.sitkInt16)
             canonical = sitk.GetImageFromArray(_to_canonical(sitk.GetArrayFromImage(label), class_ids))
             canonical.CopyInformation(image)
-            sitk.WriteImage(image, str(staging / "imagesTr" / f"{case_id}_0000.nii.gz"), useCompression=True)
-            sitk.WriteImage(canonical, str(staging / "labelsTr" / f"{case_id}.nii.gz"), useCompression=True)
+            write_image(image, staging / "imagesTr" / f"{case_id}_0000.nii.gz")
+            write_image(canonical, staging / "labelsTr" / f"{case_id}.nii.gz")
         dataset_json = {
             "channel_names": {"0": "CT"},
             "labels": {"background": 0, **class_ids},
@@ -128,7 +131,8 @@ def build_example_dataset(out_dir: str | os.PathLike, classes: list[str] | None 
             "name": out_dir.name,
             "description": "Real CT from the TotalSegmentator 2.18.0 source distribution (tests/reference_files); "
                            "labels are TotalSegmentator model output mapped to DSM canonical names.",
-            "dsm": {"sources": {"tsexample": "totalsegmentator==2.18.0 tests/reference_files"}},
+            "dsm": {"sources": {"tsexample": "totalsegmentator==2.18.0 tests/reference_files"},
+                    ORIENTATION_KEY: CANONICAL_ORIENTATION},
         }
         (staging / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
         if out_dir.exists():

@@ -21,6 +21,7 @@ predict only their trained classes: their prompts must name trained classes.
 import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from nnunetv2_dsm.checks.inputs import check_prediction_inputs
 from nnunetv2_dsm.dataset_checks import class_prompt_names
+from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, reorient_files, restore_geometry
 from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
 from nnunetv2_dsm.networks.amvp import minmax_per_case
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
@@ -201,6 +203,8 @@ class DSMPredictor(nnUNetPredictor):
         labels = {"background": 0, **{slug: i + 1 for i, slug in enumerate(self.slugs)},
                   ANOMALY: len(self.slugs) + 1}
         self.label_manager = DSMLabelManager(labels, None)
+        self.training_orientation = (self.plans_manager.plans.get(ORIENTATION_KEY)
+                                     or self.dataset_json.get("dsm", {}).get(ORIENTATION_KEY))
         if self.plans_manager.image_reader_writer_class is not SimpleITKIO:
             raise DSMPredictionError(
                 f"{model_folder / 'plans.json'}: image_reader_writer is "
@@ -270,11 +274,17 @@ class DSMPredictor(nnUNetPredictor):
             clash = [t for t in targets if t.resolve() in inputs]
             if clash:
                 raise DSMPredictionError(f"output {clash[0]} is an input file; choose another output folder")
-            data, _, properties = preprocessor.run_case(
-                files, None, self.plans_manager, self.configuration_manager, self.dataset_json
-            )
+            with tempfile.TemporaryDirectory(prefix="dsm_reoriented_") as tmp:
+                # Inputs in another orientation than the training images are reoriented (losslessly)
+                # and every output is mapped back onto the input's own grid.
+                reoriented = (reorient_files(files, self.training_orientation, tmp)
+                              if self.training_orientation else None)
+                run_files, grid = ([str(f) for f in reoriented[0]], reoriented[1]) if reoriented else (files, None)
+                data, _, properties = preprocessor.run_case(
+                    run_files, None, self.plans_manager, self.configuration_manager, self.dataset_json
+                )
             logits = self.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
-            self._export(logits, properties, targets)
+            self._export(logits, properties, targets, grid)
             done.append(case)
         return done
 
@@ -300,7 +310,7 @@ class DSMPredictor(nnUNetPredictor):
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, output_folder / "prompts.json")
 
-    def _export(self, logits: Tensor, properties: dict, targets: list[Path]) -> None:
+    def _export(self, logits: Tensor, properties: dict, targets: list[Path], grid: dict | None = None) -> None:
         # logits: (K' + 1, *S_preprocessed); the last channel is the raw anomaly score
         spacing = [properties["spacing"][i] for i in self.plans_manager.transpose_forward]
         shape = properties["shape_after_cropping_and_before_resampling"]
@@ -321,4 +331,5 @@ class DSMPredictor(nnUNetPredictor):
             full = np.zeros(properties["shape_before_cropping"], dtype=volume.dtype)
             full = insert_crop_into_image(full, volume, properties["bbox_used_for_cropping"])
             full = np.ascontiguousarray(full.transpose(self.plans_manager.transpose_backward))
-            _write_atomic(_to_image(full, properties), target)
+            image = _to_image(full, properties)
+            _write_atomic(image if grid is None else restore_geometry(image, **grid), target)

@@ -13,8 +13,11 @@ from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_en
 )
 from nnunetv2.paths import nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from nnunetv2_dsm.dataset_checks import check_dsm_dataset_json
+from nnunetv2_dsm.checks.inputs import mixed_orientation_error
+from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
+from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, file_orientation
 
 DSM_NETWORK = "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
 
@@ -39,8 +42,10 @@ class DSMPlanner(nnUNetPlannerResEncM):
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "DSMPlans",
                  overwrite_target_spacing=None, suppress_transpose: bool = False):
         # Checked before nnU-Net's own set-up so a dataset DSM cannot use fails with DSM's explanation.
-        dataset_json_file = join(nnUNet_raw, maybe_convert_to_dataset_name(dataset_name_or_id), "dataset.json")
+        raw_folder = join(nnUNet_raw, maybe_convert_to_dataset_name(dataset_name_or_id))
+        dataset_json_file = join(raw_folder, "dataset.json")
         check_dsm_dataset_json(load_json(dataset_json_file), dataset_json_file)
+        self.training_orientation = training_orientation(raw_folder, load_json(dataset_json_file))
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
 
@@ -56,6 +61,8 @@ class DSMPlanner(nnUNetPlannerResEncM):
     def plan_experiment(self) -> dict:
         plans = super().plan_experiment()
         plans["label_manager"] = "DSMLabelManager"
+        # The orientation the training images are stored in; `nnunetv2_dsm predict` reorients inputs to it.
+        plans[ORIENTATION_KEY] = self.training_orientation
         self.plans = plans
         self.save_plans(plans)
         return plans
@@ -79,3 +86,21 @@ class DSMPlannerCPU(DSMPlanner):
         # Reference values scaled so the VRAM heuristic settles on patches of about 64^3 / 128^2.
         self.UNet_reference_val_3d = 12_000_000
         self.UNet_reference_val_2d = 1_500_000
+
+
+def training_orientation(raw_folder: str, dataset_json: dict) -> str | None:
+    """Orientation code shared by all training images (headers only); mixed orientations are an error.
+
+    None when no header can be read (nnU-Net's own reader then reports the files).
+    """
+    cases = get_filenames_of_train_images_and_targets(raw_folder, dataset_json)
+    orientations = {}
+    for case in cases.values():
+        try:
+            orientations[case["images"][0]] = file_orientation(case["images"][0])
+        except RuntimeError:
+            continue
+    error = mixed_orientation_error(orientations)
+    if error is not None:
+        raise DSMDatasetError(str(error))
+    return next(iter(orientations.values()), None)

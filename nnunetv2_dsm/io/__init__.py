@@ -1,0 +1,1 @@
+"""Lowest layer: image orientation and other file-level facts shared by every command."""
