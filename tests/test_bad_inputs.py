@@ -87,7 +87,7 @@ def ct_crop(example_ct_dir: Path) -> sitk.Image:
 
 @pytest.fixture(scope="module")
 def good_dataset(tmp_path_factory: pytest.TempPathFactory, example_ct_dir: Path) -> Path:
-    """The real-CT example dataset written by the package's own recipe (5 cases incl. the DICOM series)."""
+    """The real-CT example dataset written by the package's own recipe (two patients, one from DICOM)."""
     raw = tmp_path_factory.mktemp("raw")
     return build_example_dataset(raw / "Dataset991_CheckGood", src=example_ct_dir)
 
@@ -325,16 +325,20 @@ def make_bad_dataset(good: Path, dest: Path) -> tuple[Path, dict[str, str]]:
     """Copy of the good dataset with one problem per entry; returns the folder and {file: expected text}."""
     bad = shutil.copytree(good, dest)
     images, labels = bad / "imagesTr", bad / "labelsTr"
-    truncate(images / "tsexample_ct_slab0_0000.nii.gz", 0.5)
-    label = sitk.ReadImage(str(labels / "tsexample_ct_slab1.nii.gz"))
+    # More cases of real CT, one per fault: copies of patient A.
+    for k in range(4):
+        shutil.copy(images / "tsexample_A_0000.nii.gz", images / f"copy{k}_0000.nii.gz")
+        shutil.copy(labels / "tsexample_A.nii.gz", labels / f"copy{k}.nii.gz")
+    truncate(images / "copy0_0000.nii.gz", 0.5)
+    label = sitk.ReadImage(str(labels / "copy1.nii.gz"))
     label[0, 0, 0] = 99
-    write(label, labels / "tsexample_ct_slab1.nii.gz")
-    empty = sitk.ReadImage(str(labels / "tsexample_ct_slab2.nii.gz")) * 0
-    write(empty, labels / "tsexample_ct_slab2.nii.gz")
-    shifted = sitk.ReadImage(str(labels / "tsexample_ct_sm.nii.gz"))
+    write(label, labels / "copy1.nii.gz")
+    empty = sitk.ReadImage(str(labels / "copy2.nii.gz")) * 0
+    write(empty, labels / "copy2.nii.gz")
+    shifted = sitk.ReadImage(str(labels / "copy3.nii.gz"))
     shifted.SetSpacing([s * 2 for s in shifted.GetSpacing()])
-    write(shifted, labels / "tsexample_ct_sm.nii.gz")
-    shutil.copy(images / "tsexample_dicom_0000.nii.gz", images / "tsexample_dicom_0001.nii.gz")
+    write(shifted, labels / "copy3.nii.gz")
+    shutil.copy(images / "tsexample_B_0000.nii.gz", images / "tsexample_B_0001.nii.gz")
     nan_image = np.full((8, 8, 8), -1000.0, np.float32)
     nan_image[4, 4, 4] = np.nan
     nan_label = np.zeros((8, 8, 8), np.uint8)
@@ -350,16 +354,16 @@ def make_bad_dataset(good: Path, dest: Path) -> tuple[Path, dict[str, str]]:
     (bad / "imagesTs").mkdir()
     (bad / "imagesTs" / "test1_0000.nii.gz").touch()
     expected = {
-        "tsexample_ct_slab0_0000.nii.gz": "truncated",
-        "tsexample_ct_slab1.nii.gz": "[99]",
-        "tsexample_ct_slab2.nii.gz": "only background",
-        "tsexample_ct_sm.nii.gz": "spacing",
-        "tsexample_dicom_0001.nii.gz": "unexpected",
+        "copy0_0000.nii.gz": "truncated",
+        "copy1.nii.gz": "[99]",
+        "copy2.nii.gz": "only background",
+        "copy3.nii.gz": "spacing",
+        "tsexample_B_0001.nii.gz": "unexpected",
         "nancase_0000.nii.gz": "1 NaN",
         "orphan.nii.gz": "has no image",
         "nolabel_0000.nii.gz": "no label file",
         "badname.nii.gz": "naming",
-        "numTraining": "numTraining 5",
+        "numTraining": "numTraining 2",
         "weird_thing": "DSM vocabulary",
         "test1_0000.nii.gz": "empty file",
     }

@@ -29,9 +29,10 @@ DATASET_ID = "990"
 DATASET = "Dataset990_TSExample"
 TRAINER = "DSMTrainer_2epochs_NoMirroring"
 PLANS = "DSMPlansCPU"
-# Structures of the fold-0 validation case (a pelvic slab): nnU-Net averages per-class Dice with np.mean,
-# so a class missing from both reference and prediction would make the validation mean nan.
-CLASSES = ["colon", "intestine", "bladder", "prostate", "femur_head_left", "femur_head_right"]
+# Structures of both patients: fold 0 (patient-level, from dataset.json dsm.patients) trains on patient A
+# and validates on patient B, and nnU-Net averages per-class Dice with np.mean, so a class missing from
+# both reference and prediction would make the validation mean nan.
+CLASSES = ["liver", "spleen", "stomach", "aorta", "pancreas"]
 
 
 @pytest.fixture(scope="module")
@@ -222,13 +223,13 @@ def test_predictions_are_reproducible(nnunet_env, trained: Path, tmp_path: Path)
     raw = Path(nnunet_env["nnUNet_raw"]) / DATASET
     inputs = tmp_path / "in"
     inputs.mkdir()
-    (inputs / "tsexample_dicom_0000.nii.gz").symlink_to(raw / "imagesTr" / "tsexample_dicom_0000.nii.gz")
+    (inputs / "tsexample_B_0000.nii.gz").symlink_to(raw / "imagesTr" / "tsexample_B_0000.nii.gz")
     outputs = []
     for run in ("a", "b"):
         out = tmp_path / run
         run_command([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c", "3d_fullres",
               "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"], nnunet_env)
-        outputs.append((out / "tsexample_dicom.nii.gz").read_bytes())
+        outputs.append((out / "tsexample_B.nii.gz").read_bytes())
     assert outputs[0] == outputs[1], "two predictions of the same case are byte-identical"
 
 

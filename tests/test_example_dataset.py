@@ -30,9 +30,10 @@ def test_recipe_writes_canonical_nnunet_dataset(example_dataset: Path, example_c
     assert {"liver", "spleen", "kidney_left", "kidney_right", "aorta"} <= set(labels)
     assert list(labels.values()) == list(range(len(labels))), "ids are consecutive in vocabulary order"
     cases = sorted(p.name[: -len(".nii.gz")] for p in (example_dataset / "labelsTr").glob("*.nii.gz"))
-    assert cases == ["tsexample_ct_slab0", "tsexample_ct_slab1", "tsexample_ct_slab2", "tsexample_ct_sm",
-                     "tsexample_dicom"]
+    # Two patients, one case each: the crop of patient A (example_ct_sm) is not used.
+    assert cases == ["tsexample_A", "tsexample_B"]
     assert dataset_json["numTraining"] == len(cases)
+    assert dataset_json["dsm"]["patients"] == {"B": ["tsexample_B"], "A": ["tsexample_A"]}
     check_dsm_dataset_json(dataset_json, "dataset.json")
 
     # The DICOM series is stored LPS; the dataset stores every case RAS (same voxels, axes flipped).
@@ -40,8 +41,8 @@ def test_recipe_writes_canonical_nnunet_dataset(example_dataset: Path, example_c
     assert dataset_json["dsm"]["orientation"] == "RAS"
     for path in [*(example_dataset / "imagesTr").iterdir(), *(example_dataset / "labelsTr").iterdir()]:
         assert image_orientation(sitk.ReadImage(str(path))) == "RAS", path
-    image = sitk.ReadImage(str(example_dataset / "imagesTr" / "tsexample_dicom_0000.nii.gz"))
-    label = sitk.ReadImage(str(example_dataset / "labelsTr" / "tsexample_dicom.nii.gz"))
+    image = sitk.ReadImage(str(example_dataset / "imagesTr" / "tsexample_B_0000.nii.gz"))
+    label = sitk.ReadImage(str(example_dataset / "labelsTr" / "tsexample_B.nii.gz"))
     assert image.GetSize() == dicom.GetSize() == label.GetSize() == (512, 512, 20)
     assert np.allclose(image.GetOrigin(), dicom.GetOrigin()) and np.allclose(label.GetOrigin(), dicom.GetOrigin())
     assert image.GetDirection() == dicom.GetDirection() == label.GetDirection()
@@ -52,8 +53,8 @@ def test_recipe_writes_canonical_nnunet_dataset(example_dataset: Path, example_c
     hu = sitk.GetArrayFromImage(image)[liver]
     assert liver.sum() > 1000 and 0 < np.median(hu) < 150
 
-    slab = sitk.GetArrayFromImage(sitk.ReadImage(str(example_dataset / "labelsTr" / "tsexample_ct_slab2.nii.gz")))
-    assert set(np.unique(slab)) <= set(labels.values())
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(example_dataset / "labelsTr" / "tsexample_A.nii.gz")))
+    assert a.shape == (112, 101, 122) and set(np.unique(a)) <= set(labels.values())
 
 
 def test_recipe_refuses_to_overwrite_and_leaves_no_staging(example_dataset: Path, example_ct_dir: Path) -> None:

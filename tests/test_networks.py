@@ -13,7 +13,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunetv2_dsm.networks.dsm_network import DSMNetwork, LazyExtras
-from nnunetv2_dsm.networks.heads import ProjectedDotProduct
+from nnunetv2_dsm.networks.heads import NormalisedMaskProduct
 from nnunetv2_dsm.networks.kmmm import KMeansClusterUpdate, KMMMLayer, kmeans_assignment
 
 QUERY_DIM = 16
@@ -88,14 +88,15 @@ def test_output_shapes(dim: int, num_kmmm_layers: int) -> None:
     assert set(extras) == {"queries", "class_logits", "responses", "pixel_embedding", "features"}
     assert extras["queries"].shape == (2, 3, QUERY_DIM)
     assert extras["class_logits"].shape == (2, 3)
-    assert extras["pixel_embedding"].shape == (2, QUERY_DIM, *patch)
+    assert extras["pixel_embedding"].shape == (2, net.encoder.output_channels[0], *patch)
     assert len(extras["responses"]) == len(extras["features"]) == levels
     for k, (m, f) in enumerate(zip(extras["responses"], extras["features"])):
         spatial = stage_shape(patch, strides, n_stages - 1 - k)
         assert f.shape == (2, QUERY_DIM, *spatial)
         assert m is outputs[levels - k]
-    # final logits are Q_final . E even though E is not materialised on the forward path
-    expected = torch.einsum("bnc,bc...->bn...", extras["queries"], extras["pixel_embedding"])
+    # final logits are s cos(W Q_final, E) + b even though E is not materialised on the forward path
+    head = net.decoder.pixel_proj
+    expected = torch.einsum("bnc,bc...->bn...", head.kernels(extras["queries"]), extras["pixel_embedding"]) + head.bias
     torch.testing.assert_close(outputs[0], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -216,15 +217,22 @@ def test_masked_cross_attention_empty_mask_falls_back_to_full_attention() -> Non
     torch.testing.assert_close(out[:, 1:], full)
 
 
-def test_projected_dot_product_equals_explicit_embedding() -> None:
+def test_mask_product_is_a_scaled_cosine_bounded_by_its_scale() -> None:
     torch.manual_seed(0)
-    head = ProjectedDotProduct(6, QUERY_DIM)
-    q = torch.randn(2, 3, QUERY_DIM)
-    f = torch.randn(2, 6, 5, 4, 3)
-    explicit = torch.einsum("bnc,bc...->bn...", q, head.embed(f))
-    reference = torch.einsum("bnc,bxyzc->bnxyz", q, head.proj(f.permute(0, 2, 3, 4, 1)))
-    torch.testing.assert_close(explicit, reference, rtol=1e-5, atol=1e-5)
+    head = NormalisedMaskProduct(6, QUERY_DIM)
+    q = 100 * torch.randn(2, 3, QUERY_DIM)
+    f = 1000 * torch.randn(2, 6, 5, 4, 3)
+    k = head.kernel(q)
+    cosine = torch.einsum("bnc,bxyzc->bnxyz", k / k.norm(dim=-1, keepdim=True),
+                          (f / f.norm(dim=1, keepdim=True)).permute(0, 2, 3, 4, 1))
+    reference = head.log_scale.exp() * cosine + head.bias
+    torch.testing.assert_close(head(q, f), reference, rtol=1e-5, atol=1e-5)
+    explicit = torch.einsum("bnc,bc...->bn...", head.kernels(q), head.embed(f)) + head.bias
     torch.testing.assert_close(head(q, f), explicit, rtol=1e-5, atol=1e-5)
+    # Large inputs give bounded logits, O(1) at initialisation.
+    assert head(q, f).abs().max() <= head.log_scale.exp() + 1e-4
+    assert float(head.log_scale.exp()) == pytest.approx(4.0)
+    assert head.log_scale._no_weight_decay and head.bias._no_weight_decay
 
 
 def test_eval_output_is_deterministic() -> None:

@@ -27,6 +27,10 @@ def no_grad_path(request):
     return {"cpu_kernel": request.param == "kernel"}
 
 
+# The same two paths with gradients: the compiled forward/adjoint kernels, or the chunked PyTorch scan.
+grad_path = no_grad_path
+
+
 @pytest.fixture(scope="module")
 def reference():
     if importlib.util.find_spec("mamba_ssm") is None:
@@ -63,10 +67,10 @@ def leaf_copies(inputs):
     return {k: v.clone().requires_grad_() if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
-def assert_parity(reference, inputs, rtol=1e-4):
+def assert_parity(reference, inputs, rtol=1e-4, **options):
     ref_in, our_in = leaf_copies(inputs), leaf_copies(inputs)
     expected = reference(**ref_in)
-    actual = selective_scan(**our_in)
+    actual = selective_scan(**our_in, **options)
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
     grad_out = torch.randn_like(expected)
@@ -92,9 +96,9 @@ LONG_CASE = ((1, 3, 4, 12_000, 1), {"seed": 1})
 
 
 @pytest.mark.parametrize(("shape", "options"), PARITY_CASES)
-def test_parity_with_mamba_reference(reference, shape, options):
+def test_parity_with_mamba_reference(reference, grad_path, shape, options):
     batch, dim, d_state, length, groups = shape
-    assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options))
+    assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options), **grad_path)
 
 
 @pytest.mark.parametrize(("shape", "options"), [*PARITY_CASES, FAST_DECAY_CASE, LONG_CASE])
@@ -107,15 +111,31 @@ def test_no_grad_parity_with_mamba_reference(reference, no_grad_path, shape, opt
     torch.testing.assert_close(actual, expected, rtol=2e-4, atol=2e-4 * expected.abs().max().item())
 
 
-def test_parity_with_fast_decay_splits_chunks(reference):
+def test_parity_with_fast_decay_splits_chunks(reference, grad_path):
     # delta ~ 3 with |A| up to 8.5 decays by ~2^-35 per step: chunks must be split to stay finite.
     (batch, dim, d_state, length, groups), options = FAST_DECAY_CASE
-    assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options))
+    assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options), **grad_path)
 
 
-def test_parity_long_sequence(reference):
+def test_parity_long_sequence(reference, grad_path):
     (batch, dim, d_state, length, groups), options = LONG_CASE
-    assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options), rtol=2e-4)
+    assert_parity(reference, make_inputs(batch, dim, d_state, length, groups, **options), rtol=2e-4, **grad_path)
+
+
+def test_training_kernel_gradients_do_not_depend_on_the_thread_split():
+    if load_kernels() is None:
+        pytest.skip("no C compiler: the compiled CPU scan is unavailable")
+    inputs = make_inputs(2, 16, 8, 4_000, 2)
+    grads = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        leaves = leaf_copies(inputs)
+        out = selective_scan(**leaves)
+        out.square().sum().backward()
+        grads.append([v.grad for v in leaves.values() if torch.is_tensor(v)])
+    for one, two in zip(*grads):
+        # dA, dB and dC sum per-thread buffers: equal up to the order of float additions.
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5 * one.abs().max().item())
 
 
 def test_chunked_equals_stepwise_recurrence_float64():

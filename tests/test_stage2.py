@@ -146,7 +146,7 @@ def env(tmp_path_factory, example_ct_dir) -> dict:
                           src=example_ct_dir)
     merge_datasets([MergeSource(raw / BENCH), MergeSource(raw / ORGANS)], raw / DATASET)
     availability = json.loads((raw / DATASET / "dataset.json").read_text())["dsm"]["class_availability"]
-    assert "liver_tumor" in availability[VAL_CASE] and "liver_tumor" not in availability["tsexample_ct_sm"]
+    assert "liver_tumor" in availability[VAL_CASE] and "liver_tumor" not in availability["tsexample_A"]
     run_command([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c", "3d_fullres",
           "-np", "2"], env)
     folder = root / "preprocessed" / DATASET

@@ -1,12 +1,17 @@
 """Recipe: an nnU-Net raw dataset from the real example CT of the TotalSegmentator sdist.
 
-Cases (all real CT; labels are TotalSegmentator model output, not manual annotation):
-- ``example_ct.nii.gz`` (122x101x112 @ 3 mm) with ``example_seg_fast_force_split.nii.gz``, cut into
-  three slabs along z so the dataset has enough cases for nnU-Net's 5-fold cross-validation;
-- ``example_ct_sm.nii.gz`` (30 slices of the same scan) with ``example_seg.nii.gz`` (a different
-  model's labels);
-- the DICOM series ``example_ct_dicom/`` (512x512x20) with ``example_seg_dicom.nii.gz``.
-TotalSegmentator ids are mapped to DSM's canonical names (``totalseg_names``).
+The sdist holds CT of two patients with organ labels (TotalSegmentator model output, not manual
+annotation), mapped to DSM's canonical names (``totalseg_names``):
+
+- patient A: ``example_ct.nii.gz`` (abdomen and pelvis, 122x101x112 at 3 mm) with
+  ``example_seg_fast_force_split.nii.gz``, case ``tsexample_A``. (``example_ct_sm.nii.gz`` is a crop of
+  the same scan and is not used: it would put patient A on both sides of a split.)
+- patient B: the DICOM series ``example_ct_dicom/`` (upper abdomen, another scanner, 512x512x20) with
+  ``example_seg_dicom.nii.gz``, case ``tsexample_B``.
+
+``dataset.json`` lists the patients (``dsm.patients``, B first), so the DSM planners write
+patient-level folds: fold 0 trains on A and validates on B, fold 1 the reverse
+(:mod:`nnunetv2_dsm.planners.patient_splits`). Every case is stored RAS.
 """
 
 import json
@@ -25,8 +30,6 @@ from nnunetv2_dsm.data.totalseg_names import TOTALSEG_TO_CANONICAL, TOTALSEG_TOT
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY
 from nnunetv2_dsm.vocabulary import CANONICAL
-
-NUM_SLABS = 3
 
 
 def read_ct(path: Path) -> sitk.Image:
@@ -71,23 +74,18 @@ def _to_canonical(seg: np.ndarray, class_ids: dict[str, int]) -> np.ndarray:
     return out
 
 
+# Case id -> patient, in the order of dsm.patients (fold k validates on the k-th patient).
+PATIENTS = {"tsexample_B": "B", "tsexample_A": "A"}
+
+
 def _cases(src: Path) -> list[tuple[str, sitk.Image, sitk.Image]]:
-    cases = []
     ct = read_ct(src / "example_ct.nii.gz")
     seg = label_on_image_grid(sitk.ReadImage(str(src / "example_seg_fast_force_split.nii.gz")), ct,
                               src / "example_seg_fast_force_split.nii.gz")
-    depth = ct.GetSize()[2]
-    bounds = np.linspace(0, depth, NUM_SLABS + 1).round().astype(int)
-    for i, (z0, z1) in enumerate(zip(bounds[:-1], bounds[1:])):
-        cases.append((f"tsexample_ct_slab{i}", ct[:, :, int(z0):int(z1)], seg[:, :, int(z0):int(z1)]))
-    ct_sm = read_ct(src / "example_ct_sm.nii.gz")
-    cases.append(("tsexample_ct_sm", ct_sm, label_on_image_grid(sitk.ReadImage(str(src / "example_seg.nii.gz")),
-                                                                 ct_sm, src / "example_seg.nii.gz")))
     dicom = read_ct(src / "example_ct_dicom")
-    cases.append(("tsexample_dicom", dicom,
-                  label_on_image_grid(sitk.ReadImage(str(src / "example_seg_dicom.nii.gz")), dicom,
-                                      src / "example_seg_dicom.nii.gz")))
-    return cases
+    dicom_seg = label_on_image_grid(sitk.ReadImage(str(src / "example_seg_dicom.nii.gz")), dicom,
+                                    src / "example_seg_dicom.nii.gz")
+    return [("tsexample_A", ct, seg), ("tsexample_B", dicom, dicom_seg)]
 
 
 def _present_classes(cases: list[tuple[str, sitk.Image, sitk.Image]]) -> set[str]:
@@ -129,9 +127,11 @@ def build_example_dataset(out_dir: str | os.PathLike, classes: list[str] | None 
             "numTraining": len(cases),
             "file_ending": ".nii.gz",
             "name": out_dir.name,
-            "description": "Real CT from the TotalSegmentator 2.18.0 source distribution (tests/reference_files); "
-                           "labels are TotalSegmentator model output mapped to DSM canonical names.",
+            "description": "Real CT of two patients from the TotalSegmentator 2.18.0 source distribution "
+                           "(tests/reference_files); labels are TotalSegmentator model output mapped to DSM "
+                           "canonical names. Split by patient (dsm.patients).",
             "dsm": {"sources": {"tsexample": "totalsegmentator==2.18.0 tests/reference_files"},
+                    "patients": {patient: [case] for case, patient in PATIENTS.items()},
                     ORIENTATION_KEY: CANONICAL_ORIENTATION},
         }
         (staging / "dataset.json").write_text(json.dumps(dataset_json, indent=2))

@@ -13,7 +13,7 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
-from nnunetv2_dsm.networks.heads import ProjectedDotProduct
+from nnunetv2_dsm.networks.heads import NormalisedMaskProduct
 
 
 def num_feature_levels(n_stages: int, num_kmmm_layers: int) -> int:
@@ -37,9 +37,9 @@ class DSMPixelDecoder(UNetDecoder):
     """UNet decoder that returns multi-scale features projected to ``query_dim`` and the last stage output.
 
     Level 0 is the bottleneck (encoder stage n-1), level k >= 1 the output of decoder stage k-1
-    (resolution of encoder stage n-1-k). The pixel embedding E is ``pixel_proj`` applied to the last
-    decoder stage output; ``pixel_proj`` is a ProjectedDotProduct so masks can be formed without
-    materialising E.
+    (resolution of encoder stage n-1-k). The pixel embedding E is the last decoder stage output,
+    L2-normalised over channels (``pixel_proj.embed``); ``pixel_proj`` is a NormalisedMaskProduct,
+    which forms the masks without materialising E.
     """
 
     def __init__(
@@ -67,7 +67,7 @@ class DSMPixelDecoder(UNetDecoder):
                 for c in level_channels
             ]
         )
-        self.pixel_proj = ProjectedDotProduct(encoder.output_channels[0], query_dim)
+        self.pixel_proj = NormalisedMaskProduct(encoder.output_channels[0], query_dim)
 
     def forward(self, skips: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         # skips: encoder outputs fine to coarse -> ([(B, C, *S_l)] coarse to fine, (B, C_0, *S_0))
@@ -83,5 +83,5 @@ class DSMPixelDecoder(UNetDecoder):
         return levels, x
 
     def pixel_embedding(self, last_stage_output: torch.Tensor) -> torch.Tensor:
-        # last_stage_output: (B, C_0, *S_0) -> E: (B, C, *S_0)
+        # last_stage_output: (B, C_0, *S_0) -> E: (B, C_0, *S_0)
         return self.pixel_proj.embed(last_stage_output)

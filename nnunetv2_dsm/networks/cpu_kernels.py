@@ -1,13 +1,14 @@
-"""Compiled CPU kernels for the no-gradient (prediction) paths of the selective scan and of DQR's
-guided diffusion.
+"""Compiled CPU kernels for the selective scan (prediction, and training with a backward kernel) and
+for the no-gradient path of DQR's guided diffusion.
 
 mamba-ssm ships fused kernels for CUDA only, and its CPU fallback is a Python loop over the sequence.
 A scan is sequential by nature and PyTorch has no scan primitive, so every PyTorch formulation streams
 several (batch, dim, d_state, L) intermediates through memory; a plain C loop keeps the d_state
 states in registers. Likewise the guided diffusion weighs each position's k^d neighbours with
 position-dependent weights, which no convolution expresses; in PyTorch it takes k^d passes over the
-feature map per step, where C reads every neighbour from cache in one pass. Training keeps the
-PyTorch implementations (autograd); these kernels give the same values several times faster.
+feature map per step, where C reads every neighbour from cache in one pass. The training scan
+(``scan_train_forward`` / ``scan_train_backward``) is the same loop with an adjoint pass; the
+diffusion trains in PyTorch (autograd). The kernels give the PyTorch values several times faster.
 
 The sources (``csrc/*.c``) are compiled on first use with the system C compiler (``CC``, default
 ``cc``) into one library in the DSM cache folder and loaded with ctypes, which releases the GIL, so
@@ -49,7 +50,11 @@ _SIGNATURES = {
     "dsm_selective_scan": ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 7, ctypes.c_int),
     "dsm_neighbour_cosine": ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 9, None),
     "dsm_diffusion_step": ([ctypes.c_void_p] * 2 + [None] + [ctypes.c_void_p] + [ctypes.c_int64] * 9, None),
+    "dsm_scan_fwd": ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7, ctypes.c_int),
+    "dsm_scan_bwd": ([ctypes.c_void_p] * 12 + [ctypes.c_int64] * 7, ctypes.c_int),
 }
+# Steps per chunk of the training scan: the backward pass recomputes one chunk's states at a time.
+TRAIN_CHUNK = 64
 
 
 def _cpu_flags() -> str:
@@ -146,13 +151,21 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_thread_pool.cache_clear)
 
 
-def _split(function: Callable[..., int | None], args: list, items: int, work_per_item: int) -> list[int | None]:
-    """Calls ``function(*args, begin, end)`` over [0, items) split among threads; returns their results."""
-    workers = max(1, min(torch.get_num_threads(), items, items * work_per_item // _MIN_WORK_PER_THREAD))
+def _workers(items: int, work_per_item: int) -> int:
+    return max(1, min(torch.get_num_threads(), items, items * work_per_item // _MIN_WORK_PER_THREAD))
+
+
+def _split(function: Callable[..., int | None], args: list, items: int, work_per_item: int,
+           per_worker: Callable[[int], list] | None = None) -> list[int | None]:
+    """Calls ``function(*args, *per_worker(i), begin, end)`` over [0, items) split among threads; returns
+    their results. ``per_worker`` gives arguments private to worker i (e.g. accumulation buffers)."""
+    workers = _workers(items, work_per_item)
+    extra = per_worker or (lambda i: [])
     if workers == 1:
-        return [function(*args, 0, items)]
+        return [function(*args, *extra(0), 0, items)]
     bounds = [items * i // workers for i in range(workers + 1)]
-    jobs = [_thread_pool(workers).submit(function, *args, begin, end) for begin, end in zip(bounds[:-1], bounds[1:])]
+    jobs = [_thread_pool(workers).submit(function, *args, *extra(i), begin, end)
+            for i, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:]))]
     return [job.result() for job in jobs]
 
 
@@ -213,3 +226,42 @@ def diffusion_step(library: ctypes.CDLL, f: Tensor, weights: Tensor, step_size: 
     _split(function, [f.data_ptr(), weights.data_ptr(), step_size, out.data_ptr(), *grid], f.shape[0] * grid[0],
            grid[1] * grid[2] * weights.shape[-1] * grid[3])
     return out
+
+
+def scan_train_forward(library: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, Bt: Tensor,
+                       Ct: Tensor) -> tuple[Tensor, Tensor]:
+    """Core scan ``y_t = <C_t, h_t>`` and the states entering every chunk of ``TRAIN_CHUNK`` steps.
+
+    u, delta: (b, D, L); A: (D, N); Bt, Ct: (b, G, L, N); contiguous CPU tensors of one dtype
+    -> y: (b, D, L), states: (b, D, n_chunks, N)
+    """
+    batch, dim, length = u.shape
+    groups, d_state = Bt.shape[1], A.shape[1]
+    y = torch.empty_like(u)
+    states = u.new_empty(batch, dim, -(-length // TRAIN_CHUNK), d_state)
+    function = getattr(library, f"dsm_scan_fwd_{_SUFFIX[u.dtype]}")
+    results = _split(function, [t.data_ptr() for t in (u, delta, A, Bt, Ct, y, states)]
+                     + [dim, groups, d_state, length, TRAIN_CHUNK], batch * dim, length * d_state)
+    if any(results):
+        raise MemoryError("selective scan training kernel: no memory for its work buffers")
+    return y, states
+
+
+def scan_train_backward(library: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor,
+                        states: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``scan_train_forward``'s y: (du, ddelta, dA, dBt, dCt), shaped as the inputs."""
+    batch, dim, length = u.shape
+    groups, d_state = Bt.shape[1], A.shape[1]
+    du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    workers = _workers(batch * dim, length * d_state)
+    # Rows of one channel (dA) or group (dB, dC) may go to different threads: one buffer set per thread.
+    buffers = [(torch.zeros_like(A), torch.zeros_like(Bt), torch.zeros_like(Ct)) for _ in range(workers)]
+    function = getattr(library, f"dsm_scan_bwd_{_SUFFIX[u.dtype]}")
+    results = _split(function, [t.data_ptr() for t in (u, delta, A, Bt, Ct, states, dy.contiguous(), du, ddelta)],
+                     batch * dim, length * d_state,
+                     per_worker=lambda i: [t.data_ptr() for t in buffers[i]]
+                     + [dim, groups, d_state, length, TRAIN_CHUNK])
+    if any(results):
+        raise MemoryError("selective scan training kernel: no memory for its work buffers")
+    dA, dBt, dCt = (functools.reduce(torch.add, (parts[k] for parts in buffers)) for k in range(3))
+    return du, ddelta, dA, dBt, dCt

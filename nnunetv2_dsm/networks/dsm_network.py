@@ -49,12 +49,13 @@ class LazyExtras(Mapping[str, Any]):
 class DSMNetwork(nn.Module):
     """ResEnc encoder + UNet pixel decoder + kMMM query decoder with mask and class heads.
 
-    ``forward(x)`` returns the (B, num_classes, *spatial) mask logits ``Q_final . E``, or, when
+    ``forward(x)`` returns the (B, num_classes, *spatial) mask logits ``s cos(W Q_final, E) + b``
+    (``heads.NormalisedMaskProduct``), or, when
     ``deep_supervision`` is set, ``[final, M_finest, ..., M_coarsest]`` where M are the kMMM layers'
     post-SSM mask logits at their level's resolution (see ``deep_supervision_stages``).
     ``forward(x, return_extras=True)`` returns ``(output, extras)``, extras a read-only mapping with
     ``queries`` (B, N, C), ``class_logits`` (B, N), ``responses`` (per-layer M_l, coarse to fine),
-    ``pixel_embedding`` E (B, C, *spatial) and ``features`` (multi-scale F_l, coarse to fine).
+    ``pixel_embedding`` E (B, C_0, *spatial; the L2-normalised last decoder stage) and ``features`` (multi-scale F_l, coarse to fine).
     """
 
     def __init__(

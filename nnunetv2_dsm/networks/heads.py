@@ -1,32 +1,51 @@
 """Prediction heads on object queries: query-pixel mask products and the per-query class MLP."""
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class ProjectedDotProduct(nn.Module):
-    """Dot products between queries and linearly projected pixel features.
+class NormalisedMaskProduct(nn.Module):
+    """Mask logits as scaled cosines between projected queries and pixel features.
 
-    ``forward(q, f)`` equals ``einsum('bnc,bc...->bn...', q, embed(f))`` but applies the projection
-    to the N queries instead of the L pixels (``q . (W f + b) = (W^T q) . f + q . b``), which costs
-    N * C_in per pixel instead of C * C_in + N * C and never materialises the projected
-    full-resolution feature map. This matters for 3d patches, where the pixel embedding would
-    otherwise be the largest activation of the network.
+    ``forward(q, f) = s * <k / |k|, f / |f|> + b`` with the mask kernel ``k = W q + c`` (one linear map
+    of each query into the pixel-feature space), a learnable scale ``s`` (stored as its log, no weight
+    decay) and a learnable bias ``b``. kMaX-DeepLab L2-normalises its pixel features before the mask
+    product for the same reason: unnormalised products grow without bound during training (logits in
+    the hundreds after a few dozen SGD steps), and in the kMMM decoder these logits are the input of the
+    state-space scan, whose backward then overflows. With both sides normalised the logits are bounded
+    by ``s``, and the initial ``s = max(4, sqrt(C_in))`` makes them O(1) at initialisation (cosines of
+    random vectors have standard deviation ``1 / sqrt(C_in)``).
+
+    The kernel is formed for the N queries only; pixels contribute their norm, a (B, 1, L) tensor, so
+    no projected copy of the full-resolution feature map is materialised.
     """
 
     def __init__(self, in_channels: int, query_dim: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_channels, query_dim)
+        self.kernel = nn.Linear(query_dim, in_channels)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(max(4.0, math.sqrt(in_channels)))))
+        self.log_scale._no_weight_decay = True
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias._no_weight_decay = True
 
     def embed(self, f: torch.Tensor) -> torch.Tensor:
-        # f: (B, C_in, *S) -> (B, C, *S)
-        out = torch.einsum("ci,bi...->bc...", self.proj.weight, f)
-        return out + self.proj.bias.view(1, -1, *([1] * (f.ndim - 2)))
+        """The pixel embedding E = f / |f| (L2 over channels)."""
+        # f: (B, C_in, *S) -> (B, C_in, *S)
+        return F.normalize(f, dim=1, eps=1e-6)
+
+    def kernels(self, q: torch.Tensor) -> torch.Tensor:
+        """Mask kernels ``s * k / |k|``, so that ``logits = kernels . E + b``."""
+        # q: (B, N, C) -> (B, N, C_in)
+        return F.normalize(self.kernel(q), dim=-1, eps=1e-6) * self.log_scale.exp()
 
     def forward(self, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         # q: (B, N, C), f: (B, C_in, *S) -> (B, N, *S)
-        # One batched product straight into the output, bias included: no permuted copy of f.
-        logits = torch.baddbmm((q @ self.proj.bias).unsqueeze(-1), q @ self.proj.weight, f.flatten(2))
+        flat = f.flatten(2)
+        inv_norm = flat.float().square().sum(1, keepdim=True).clamp_min(1e-12).rsqrt().to(f.dtype)
+        logits = torch.bmm(self.kernels(q).to(f.dtype), flat).mul_(inv_norm).add_(self.bias.to(f.dtype))
         return logits.view(*q.shape[:2], *f.shape[2:])
 
 

@@ -2,7 +2,8 @@
 
 One layer, at one feature level F_l (already projected to ``query_dim``):
 
-1. query response ``R = proj_q(Q) . proj_f(F_l)``: (B, N, L) with L = h*w(*d);
+1. query response ``R = s cos(W proj_q(Q), F_l) + b`` (``heads.NormalisedMaskProduct``): (B, N, L)
+   with L = h*w(*d); scaled cosines keep R, the input of the SSM, bounded by s during training;
 2. ``M_l = R + SSM(SiLU(R))``: a Mamba block scans the flattened spatial sequence with the N query
    responses as channels. The SSM is residual, as Mamba blocks are used in U-Mamba and Vision Mamba,
    so ``use_ssm=False`` (``M_l = R``) is exactly the layer without it. M_l are the layer's mask logits
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_dsm.networks.heads import ProjectedDotProduct
+from nnunetv2_dsm.networks.heads import NormalisedMaskProduct
 from nnunetv2_dsm.networks.masked_attention import MaskedCrossAttention
 from nnunetv2_dsm.networks.ssm import SSM
 
@@ -77,7 +78,7 @@ class KMMMLayer(nn.Module):
             raise ValueError(f"query_dim ({query_dim}) must be divisible by num_heads ({num_heads}).")
         self.use_kmeans = use_kmeans
         self.query_proj = nn.Linear(query_dim, query_dim)
-        self.response = ProjectedDotProduct(query_dim, query_dim)
+        self.response = NormalisedMaskProduct(query_dim, query_dim)
         self.ssm = (
             SSM(
                 num_queries,

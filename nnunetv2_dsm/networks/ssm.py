@@ -4,8 +4,10 @@
 calls the fused kernel of ``mamba_ssm`` when that package and its compiled ``selective_scan_cuda``
 extension are importable. ``mamba_ssm`` ships no CPU implementation other than its sequential
 reference loop, which is far too slow for sequences of 10^5 voxels, so the CPU paths are hand-written:
-without gradients, the compiled C kernel of ``cpu_kernels`` when a C compiler is available; with
-gradients (or without a compiler), the chunked parallel scan below, written in PyTorch.
+the compiled C kernels of ``cpu_kernels`` when a C compiler is available (without gradients the fused
+kernel with D, z and softplus; with gradients the core recurrence with its adjoint, the element-wise
+parts in PyTorch); without a compiler (or on CUDA without mamba-ssm), the chunked parallel scan below,
+written in PyTorch.
 
 Chunked scan: inside a chunk of T steps let g_t = sum_{s<=t} delta_s A (per channel and state).
 The recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t unrolls to
@@ -207,6 +209,30 @@ def _inference_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, c
     return y.movedim(0, -2).flatten(-2)[..., :length].reshape(batch, dim, length)
 
 
+class _CompiledTrainingScan(torch.autograd.Function):
+    """The core scan (no bias, softplus, D or z) through the compiled CPU kernels, with gradients.
+
+    The element-wise parts around it stay in PyTorch's autograd; ``cpu_kernels.scan_train_backward``
+    is the adjoint of ``scan_train_forward`` (checked against ``selective_scan_ref`` in the tests).
+    """
+
+    @staticmethod
+    def forward(ctx, library, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        # u, delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) -> y: (b, D, L)
+        Bt, Ct = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
+        u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+        y, states = cpu_kernels.scan_train_forward(library, u, delta, A, Bt, Ct)
+        ctx.library = library
+        ctx.save_for_backward(u, delta, A, Bt, Ct, states)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        u, delta, A, Bt, Ct, states = ctx.saved_tensors
+        du, ddelta, dA, dBt, dCt = cpu_kernels.scan_train_backward(ctx.library, u, delta, A, Bt, Ct, states, dy)
+        return None, du, ddelta, dA, dBt.transpose(-1, -2), dCt.transpose(-1, -2)
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    *, chunk_size: int = 64, cpu_kernel: bool = True) -> Tensor:
@@ -240,8 +266,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         delta = delta + delta_bias.to(dtype).unsqueeze(-1)
     if delta_softplus:
         delta = F.softplus(delta)
-    scan = _training_scan if needs_grad else _inference_scan
-    y = scan(u_f, delta, A.to(dtype), B.to(dtype), C.to(dtype), chunk_size)
+    train_kernels = cpu_kernels.load_kernels() if cpu_kernel and needs_grad and u.device.type == "cpu" else None
+    if train_kernels is not None:
+        y = _CompiledTrainingScan.apply(train_kernels, u_f, delta, A.to(dtype), B.to(dtype), C.to(dtype))
+    else:
+        scan = _training_scan if needs_grad else _inference_scan
+        y = scan(u_f, delta, A.to(dtype), B.to(dtype), C.to(dtype), chunk_size)
     if D is not None:
         y = y + u_f * D.to(dtype).unsqueeze(-1)
     if z is not None:

@@ -36,4 +36,6 @@ class DSMBaselinePlannerCPU(DSMPlannerCPU):
             self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset, _cache)
 
     def plan_experiment(self) -> dict:
-        return nnUNetPlannerResEncM.plan_experiment(self)
+        plans = nnUNetPlannerResEncM.plan_experiment(self)
+        self.write_patient_splits()
+        return plans

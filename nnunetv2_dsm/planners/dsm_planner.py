@@ -11,13 +11,15 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import (
     nnUNetPlannerResEncM,
 )
-from nnunetv2.paths import nnUNet_raw
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
 from nnunetv2_dsm.checks.inputs import mixed_orientation_error
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, file_orientation
+from nnunetv2_dsm.planners.patient_splits import write_patient_splits
 
 DSM_NETWORK = "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
 
@@ -49,6 +51,15 @@ class DSMPlanner(nnUNetPlannerResEncM):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
 
+    @staticmethod
+    def static_estimate_VRAM_usage(patch_size, input_channels: int, output_channels: int, arch_class_name: str,
+                                   arch_kwargs: dict, arch_kwargs_req_import) -> int:
+        """nnU-Net's estimate without its ``torch.set_num_threads(nnUNet_n_proc_DA)``, which fails for
+        ``nnUNet_n_proc_DA=0`` (augmentation in the main process, as recommended on small CPUs)."""
+        net = get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, input_channels,
+                                     output_channels, allow_init=False)
+        return net.compute_conv_feature_map_size(patch_size)
+
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
                                     _cache) -> dict:
         plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
@@ -63,9 +74,16 @@ class DSMPlanner(nnUNetPlannerResEncM):
         plans["label_manager"] = "DSMLabelManager"
         # The orientation the training images are stored in; `nnunetv2_dsm predict` reorients inputs to it.
         plans[ORIENTATION_KEY] = self.training_orientation
+        self.write_patient_splits()
         self.plans = plans
         self.save_plans(plans)
         return plans
+
+
+    def write_patient_splits(self) -> None:
+        """Patient-level folds when dataset.json lists patients (``patient_splits``)."""
+        cases = sorted(self.dataset)
+        write_patient_splits(join(nnUNet_preprocessed, self.dataset_name), self.dataset_json, cases)
 
 
 class DSMPlannerCPU(DSMPlanner):

@@ -32,6 +32,10 @@ class DSMPlansError(RuntimeError):
     pass
 
 
+class DSMNonFiniteError(FloatingPointError):
+    """The training loss or gradient became NaN or infinite."""
+
+
 class DSMTrainer(nnUNetTrainer):
     class_loss_weight: float = 1.0
     # Overrides of the DSM decoder settings in the plans (ablation trainers set these).
@@ -101,7 +105,9 @@ class DSMTrainer(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         loss, _, _, _ = self._forward_loss(batch)
+        self._stop_if_non_finite("loss", loss, batch)
         if self.grad_scaler is not None:
+            # Under AMP the scaler skips steps whose gradients overflow; that is its job, not an error.
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
@@ -109,9 +115,23 @@ class DSMTrainer(nnUNetTrainer):
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self._stop_if_non_finite("gradient norm", norm, batch)
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
+
+    def _stop_if_non_finite(self, what: str, value: torch.Tensor, batch: dict) -> None:
+        """Stop training before a non-finite value reaches the weights, so no NaN checkpoint is written."""
+        if torch.isfinite(value).all():
+            return
+        message = (
+            f"{type(self).__name__}: the training {what} became {float(value)} in epoch {self.current_epoch} "
+            f"(cases {list(batch.get('keys', []))}). Training stops before the weights change; the last "
+            f"checkpoint in {self.output_folder} is unaffected (resume it with --c). Non-finite training is a "
+            "divergence: lower the initial learning rate (initial_lr) or check the input intensities."
+        )
+        self.print_to_log_file(message)
+        raise DSMNonFiniteError(message)
 
     def validation_step(self, batch: dict) -> dict:
         with torch.no_grad():
