@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from _arch import resenc_arch_kwargs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 from tqdm import tqdm
+
+from nnunetv2_dsm.networks.cpu_kernels import load_kernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DSM_CLASS = "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
@@ -170,7 +173,10 @@ def main() -> None:
             if device.type == "cuda"
             else (platform.processor() or platform.machine()),
             "torch": torch.__version__,
+            "cpu_scan": "compiled kernels" if load_kernels() is not None else "PyTorch chunked scan",
         },
+        "command": " ".join(["python", *sys.argv]),
+        "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }
     out = args.out or RESULTS / f"train_step_{device.type}.json"
     write_json(out, payload)

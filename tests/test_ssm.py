@@ -252,3 +252,15 @@ def test_inference_and_training_paths_agree(no_grad_path):
     training = selective_scan(**leaf_copies(inputs))
     assert training.requires_grad
     torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-5 * inference.abs().max().item())
+
+
+def test_training_kernel_takes_non_contiguous_output_gradients(reference):
+    """The output gradient of a flipped or transposed consumer arrives non-contiguous."""
+    inputs = make_inputs(3, 10, 16, 1024, None)
+    ref_in, our_in = leaf_copies(inputs), leaf_copies(inputs)
+    weight = torch.randn(1024, 3, 10).permute(1, 2, 0)  # a non-contiguous gradient of the same shape as y
+    (reference(**ref_in) * weight).sum().backward()
+    (selective_scan(**our_in) * weight).sum().backward()
+    for name in ("u", "delta", "A", "B", "C"):
+        g_ref = ref_in[name].grad
+        torch.testing.assert_close(our_in[name].grad, g_ref, rtol=2e-4, atol=2e-4 * g_ref.abs().max().item(), msg=name)

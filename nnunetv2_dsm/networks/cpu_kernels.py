@@ -253,11 +253,13 @@ def scan_train_backward(library: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tenso
     batch, dim, length = u.shape
     groups, d_state = Bt.shape[1], A.shape[1]
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    # Bound to a name: the kernel reads it through a raw pointer, so the tensor must outlive the call.
+    dy = dy.contiguous()
     workers = _workers(batch * dim, length * d_state)
     # Rows of one channel (dA) or group (dB, dC) may go to different threads: one buffer set per thread.
     buffers = [(torch.zeros_like(A), torch.zeros_like(Bt), torch.zeros_like(Ct)) for _ in range(workers)]
     function = getattr(library, f"dsm_scan_bwd_{_SUFFIX[u.dtype]}")
-    results = _split(function, [t.data_ptr() for t in (u, delta, A, Bt, Ct, states, dy.contiguous(), du, ddelta)],
+    results = _split(function, [t.data_ptr() for t in (u, delta, A, Bt, Ct, states, dy, du, ddelta)],
                      batch * dim, length * d_state,
                      per_worker=lambda i: [t.data_ptr() for t in buffers[i]]
                      + [dim, groups, d_state, length, TRAIN_CHUNK])

@@ -22,10 +22,8 @@ class BaselinePlansError(RuntimeError):
     pass
 
 
-class DSMBaselineTrainer_2epochs_NoMirroring(nnUNetTrainer):
-    """Stock nnU-Net training with the iteration budget of ``DSMTrainer_2epochs_NoMirroring``."""
-
-    budget = DSMTrainer_2epochs_NoMirroring
+class StockBaselineTrainer(nnUNetTrainer):
+    """nnU-Net's ``nnUNetTrainer`` unchanged, refusing DSM plans and seeded by ``DSM_SEED`` as DSM runs are."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -35,8 +33,17 @@ class DSMBaselineTrainer_2epochs_NoMirroring(nnUNetTrainer):
                 "DSM network. Run `nnUNetv2_plan_and_preprocess -d <ID> -pl DSMBaselinePlannerCPU` and train with "
                 "`-p ResEncPlansCPU`."
             )
-        # DSM_SEED applies here too, so baseline and DSM runs are repeatable in the same way.
         seed_from_environment()
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DSMBaselineTrainer_2epochs_NoMirroring(StockBaselineTrainer):
+    """Stock nnU-Net training with the iteration budget of ``DSMTrainer_2epochs_NoMirroring``."""
+
+    budget = DSMTrainer_2epochs_NoMirroring
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.budget.epochs
         self.num_iterations_per_epoch = self.budget.iterations

@@ -124,9 +124,13 @@ class DSMTrainer(nnUNetTrainer):
         """Stop training before a non-finite value reaches the weights, so no NaN checkpoint is written."""
         if torch.isfinite(value).all():
             return
+        network = self._unwrapped_network()
+        where = [n for n, p in network.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         message = (
             f"{type(self).__name__}: the training {what} became {float(value)} in epoch {self.current_epoch} "
-            f"(cases {list(batch.get('keys', []))}). Training stops before the weights change; the last "
+            f"(cases {[str(k) for k in batch.get('keys', [])]}"
+            + (f"; non-finite gradients in {len(where)} parameter tensors, first {where[:5]}" if where else "")
+            + "). Training stops before the weights change; the last "
             f"checkpoint in {self.output_folder} is unaffected (resume it with --c). Non-finite training is a "
             "divergence: lower the initial learning rate (initial_lr) or check the input intensities."
         )

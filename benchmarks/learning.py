@@ -1,0 +1,220 @@
+"""Does DSM stage 1 learn? DSM and stock nnU-Net trained on one patient, tested on another.
+
+Everything runs through the stock nnU-Net commands, in one invocation, on the same preprocessed data:
+
+1. ``nnunetv2_dsm example-dataset`` with the organs both patients carry (liver, spleen, stomach, aorta,
+   pancreas): patient A (abdomen and pelvis, 3 mm) and patient B (upper abdomen, another scanner,
+   from DICOM), both stored RAS, listed in ``dsm.patients`` so the DSM planners write patient-level
+   folds: fold 0 trains on A only and validates on B.
+2. ``nnUNetv2_plan_and_preprocess -pl DSMPlannerCPU`` and ``nnUNetv2_plan_experiment -pl
+   DSMBaselinePlannerCPU`` (ResEnc with the same sizes; same preprocessed data identifier).
+3. ``nnUNetv2_train`` fold 0, ``DSMTrainer_Benchmark -p DSMPlansCPU`` and ``DSMBaselineTrainer_Benchmark
+   -p ResEncPlansCPU`` (stock ``nnUNetTrainer``): the same epochs x iterations, augmentation (mirroring
+   included), seed (``DSM_SEED``) and threads, one after the other.
+4. ``nnUNetv2_predict`` of patient B with each model, and Dice per class against B's labels.
+
+Labels are TotalSegmentator model output and the training set is a single patient: the numbers say
+whether each method learns organs that transfer to an unseen patient and scanner at this CPU budget,
+not how either performs on a real dataset. Writes ``benchmarks/results/learning_<device>.json`` and a
+PNG of held-out Dice against iterations and against CPU seconds (per-epoch nnU-Net validation
+pseudo-Dice, i.e. on patches of patient B; the final points are full-volume Dice).
+
+    python benchmarks/learning.py --work /tmp/dsm_learning
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nnunetv2_dsm.data.totalseg_example import build_example_dataset  # noqa: E402
+from nnunetv2_dsm.trainers.benchmark import LEARNING_LOG, DSMTrainer_Benchmark  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BIN = Path(sys.executable).parent
+DATASET_ID = "990"
+DATASET = "Dataset990_TSExample"
+CLASSES = ["liver", "spleen", "stomach", "aorta", "pancreas"]
+HELD_OUT = "tsexample_B"
+MODELS = {
+    "dsm": ("DSMTrainer_Benchmark", "DSMPlansCPU"),
+    "nnunet": ("DSMBaselineTrainer_Benchmark", "ResEncPlansCPU"),
+}
+
+
+def run(cmd: list[str], env: dict, log) -> float:
+    """Run a stock command, its output appended to the log; returns the CPU seconds it used."""
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.time()
+    result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise SystemExit(f"`{' '.join(cmd)}` failed (exit {result.returncode}); see {log.name}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(f"  {cmd[0].split('/')[-1]} {' '.join(cmd[1:4])}: {time.time() - start:.0f} s wall, {cpu:.0f} s CPU",
+          flush=True)
+    return cpu
+
+
+def dice_per_class(prediction: Path, reference: Path, labels: dict[str, int]) -> dict[str, float]:
+    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))
+    out = {}
+    for name, label in labels.items():
+        p, r = pred == label, ref == label
+        denominator = p.sum() + r.sum()
+        out[name] = round(float(2 * (p & r).sum() / denominator), 4) if denominator else float("nan")
+    out["mean"] = round(float(np.nanmean([out[n] for n in labels])), 4)
+    return out
+
+
+def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {"dsm": "tab:red", "nnunet": "tab:blue"}
+    for name, epochs in curves.items():
+        iterations = [e["iterations"] for e in epochs]
+        cpu = [e["cpu_seconds"] for e in epochs]
+        mean_dice = [float(np.mean(e["pseudo_dice"])) for e in epochs]
+        label = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)"}[name]
+        for ax, x in zip(axes, (iterations, cpu)):
+            ax.plot(x, mean_dice, "o-", color=colours[name], label=f"{label}: pseudo-Dice on B patches")
+            ax.plot([x[-1]], [final[name]["mean"]], "*", markersize=14, color=colours[name],
+                    label=f"{label}: full-volume Dice on B ({final[name]['mean']:.3f})")
+    axes[0].set_xlabel("training iterations")
+    axes[1].set_xlabel("training CPU seconds")
+    for ax in axes:
+        ax.set_ylabel("mean Dice over 5 organs, held-out patient B")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for nnUNet_raw/preprocessed/results")
+    parser.add_argument("--configuration", default="2d")
+    parser.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0],
+                        help="target spacing (nnU-Net's -overwrite_target_spacing); patient A is stored at 3 mm")
+    parser.add_argument("--epochs", type=int, default=DSMTrainer_Benchmark.epochs)
+    parser.add_argument("--iterations", type=int, default=DSMTrainer_Benchmark.iterations)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "learning_cpu.json")
+    args = parser.parse_args()
+
+    work = args.work.resolve()
+    raw, pre, res = work / "raw", work / "preprocessed", work / "results"
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
+           "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f", "DSM_SEED": str(args.seed),
+           "OMP_NUM_THREADS": str(args.threads), "nnUNet_def_n_proc": "1",
+           "DSM_BENCHMARK_EPOCHS": str(args.epochs), "DSM_BENCHMARK_ITERATIONS": str(args.iterations)}
+    env.pop("nnUNet_extTrainer", None)
+    work.mkdir(parents=True, exist_ok=True)
+    log = open(work / "learning.log", "a")
+    load_before = os.getloadavg()
+    started = time.time()
+
+    dataset = raw / DATASET
+    if not dataset.exists():
+        build_example_dataset(dataset, CLASSES)
+    spacing = [str(s) for s in args.spacing]
+    plans_file = pre / DATASET / "DSMPlansCPU.json"
+    if not plans_file.exists():
+        run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c",
+             args.configuration, "-np", "1", "-overwrite_target_spacing", *spacing], env, log)
+        run([str(BIN / "nnUNetv2_plan_experiment"), "-d", DATASET_ID, "-pl", "DSMBaselinePlannerCPU",
+             "-overwrite_target_spacing", *spacing], env, log)
+    splits = json.loads((pre / DATASET / "splits_final.json").read_text())
+    assert splits[0]["val"] == [HELD_OUT] and HELD_OUT not in splits[0]["train"], splits[0]
+
+    inputs = work / "heldout_images"
+    inputs.mkdir(exist_ok=True)
+    link = inputs / f"{HELD_OUT}_0000.nii.gz"
+    if not link.exists():
+        link.symlink_to(dataset / "imagesTr" / f"{HELD_OUT}_0000.nii.gz")
+    labels = {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()
+              if k != "background"}
+
+    curves, final, cpu_seconds, status = {}, {}, {}, {}
+    for name in args.models:
+        trainer, plans = MODELS[name]
+        folder = res / DATASET / f"{trainer}__{plans}__{args.configuration}"
+        cpu_seconds[name] = run([str(BIN / "nnUNetv2_train"), DATASET_ID, args.configuration, "0", "-tr", trainer,
+                                 "-p", plans, "-device", "cpu"], env, log)
+        curves[name] = json.loads((folder / "fold_0" / LEARNING_LOG).read_text())["epochs"]
+        non_finite = [e["epoch"] for e in curves[name] if not np.isfinite(e["train_loss"])]
+        status[name] = "diverged" if non_finite else "finite"
+        out = work / f"prediction_{name}"
+        run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c",
+             args.configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1", "-nps", "1"],
+            env, log)
+        final[name] = dice_per_class(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
+        print(f"  {name}: held-out Dice {final[name]}", flush=True)
+
+    payload = {
+        "data": "real CT, two patients from the TotalSegmentator 2.18.0 sdist; labels are TotalSegmentator "
+                "model output. Trained on patient A only, tested on patient B (another scanner, never seen).",
+        "iterations": args.epochs * args.iterations,
+        "cpu_seconds": {k: round(v, 1) for k, v in cpu_seconds.items()},
+        "status": status,
+        "curves": curves,
+        "config": {"configuration": args.configuration, "spacing_mm": args.spacing, "epochs": args.epochs,
+                   "iterations_per_epoch": args.iterations, "classes": CLASSES, "threads": args.threads,
+                   "nnUNet_n_proc_DA": 0, "seed": args.seed, "mirroring": True,
+                   "trainers": {k: MODELS[k] for k in args.models}},
+        "command": " ".join(["python", *sys.argv]),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "nnunetv2": _version("nnunetv2")},
+        "device": platform.processor() or platform.machine(),
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "wall_minutes": round((time.time() - started) / 60, 1),
+    }
+    if "dsm" in final:
+        payload["dsm_heldout_dice"] = final["dsm"]
+    if "nnunet" in final:
+        payload["nnunet_heldout_dice"] = final["nnunet"]
+    if {"dsm", "nnunet"} <= set(final):
+        payload["ratio_dsm_over_nnunet_mean_dice"] = round(final["dsm"]["mean"] / max(final["nnunet"]["mean"], 1e-6), 4)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, args.out)
+    plot(curves, final, args.out.with_suffix(".png"),
+         f"Trained on patient A, Dice on held-out patient B (TotalSegmentator labels); {args.configuration}, "
+         f"{args.spacing[0]:g} mm, {args.epochs}x{args.iterations} iterations, CPU {args.threads} threads")
+    print(json.dumps({k: payload.get(k) for k in ("dsm_heldout_dice", "nnunet_heldout_dice",
+                                                  "ratio_dsm_over_nnunet_mean_dice", "cpu_seconds")}, indent=1))
+    print(f"written {args.out}")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    main()

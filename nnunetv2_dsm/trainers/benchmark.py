@@ -1,0 +1,68 @@
+"""Trainers of the learning benchmark (``benchmarks/learning.py``): DSM and stock nnU-Net on one budget.
+
+Both run ``epochs x iterations`` training iterations (8 x 250, or ``DSM_BENCHMARK_EPOCHS`` x
+``DSM_BENCHMARK_ITERATIONS``) with nnU-Net's own augmentation (mirroring
+included), optimiser and schedule otherwise unchanged, a checkpoint every epoch, and write
+``learning_log.json`` in the fold folder after every epoch: iterations done, this process's CPU
+seconds (``time.process_time``, all threads; data augmentation included when ``nnUNet_n_proc_DA=0``)
+and nnU-Net's validation pseudo-Dice of the epoch. With patient-level folds (``dsm.patients``) the
+validation patches come from a patient the model never trains on, so that curve is held-out Dice
+on patches; the benchmark adds full-volume Dice from ``nnUNetv2_predict`` at the end.
+
+``DSMBaselineTrainer_Benchmark`` is nnU-Net's ``nnUNetTrainer``; its name starts with ``DSM`` only so
+that nnU-Net's class lookup finds it in this package.
+"""
+
+import json
+import os
+import time
+
+import torch
+
+from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
+from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
+
+LEARNING_LOG = "learning_log.json"
+
+
+class _BenchmarkSchedule:
+    epochs: int = 8
+    iterations: int = 250
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # The benchmark script sets the budget for both models through these variables.
+        self.num_epochs = int(os.environ.get("DSM_BENCHMARK_EPOCHS", self.epochs))
+        self.num_iterations_per_epoch = int(os.environ.get("DSM_BENCHMARK_ITERATIONS", self.iterations))
+        self.save_every = 1
+        self._learning_log: list[dict] = []
+
+    def on_epoch_end(self) -> None:
+        epoch = self.current_epoch
+        super().on_epoch_end()
+        log = self.logger.get_value
+        self._learning_log.append({
+            "epoch": epoch,
+            "iterations": (epoch + 1) * self.num_iterations_per_epoch,
+            "cpu_seconds": round(time.process_time(), 2),
+            "wall_seconds": round(log("epoch_end_timestamps", step=-1) - log("epoch_start_timestamps", step=0), 2),
+            "train_loss": float(log("train_losses", step=-1)),
+            "pseudo_dice": [float(d) for d in log("dice_per_class_or_region", step=-1)],
+        })
+        if self.local_rank == 0:
+            path = os.path.join(self.output_folder, LEARNING_LOG)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                # pseudo_dice follows the label order of dataset.json (both label managers use it)
+                classes = [k for k in self.dataset_json["labels"] if k not in ("background", "ignore")]
+                json.dump({"classes": classes, "epochs": self._learning_log}, f, indent=2)
+            os.replace(tmp, path)
+
+
+class DSMTrainer_Benchmark(_BenchmarkSchedule, DSMTrainer):
+    """DSM stage 1 on the learning benchmark's budget (8 epochs x 250 iterations)."""
+
+
+class DSMBaselineTrainer_Benchmark(_BenchmarkSchedule, StockBaselineTrainer):
+    """Stock nnU-Net (``nnUNetTrainer``) on the learning benchmark's budget."""
