@@ -21,6 +21,7 @@ from nnunetv2_dsm.data.synthesis import (
     synthesize_lesions,
     totalseg_to_organ_labels,
 )
+from nnunetv2_dsm.io.orientation import file_orientation
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,10 @@ def test_benchmark_via_cli_is_a_valid_nnunet_dataset(example_ct_dir: Path, tmp_p
     synth_ct = sitk.ReadImage(str(out / "imagesTr" / "tsyn_ct_00_0000.nii.gz"))
     assert synth_ct.GetSize() == real_ct.GetSize() and synth_ct.GetOrigin() == real_ct.GetOrigin()
     assert synth_ct.GetDirection() == real_ct.GetDirection()
+    # Every file of the benchmark is stored in the canonical orientation.
+    assert dj["dsm"]["orientation"] == "RAS"
+    for path in out.glob("*s*/*.nii.gz"):
+        assert file_orientation(path) == "RAS", path
 
     real_get_context = multiprocessing.get_context
     # verify_dataset_integrity in full; fork instead of spawn spares re-importing torch in the worker.

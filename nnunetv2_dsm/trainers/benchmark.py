@@ -66,3 +66,10 @@ class DSMTrainer_Benchmark(_BenchmarkSchedule, DSMTrainer):
 
 class DSMBaselineTrainer_Benchmark(_BenchmarkSchedule, StockBaselineTrainer):
     """Stock nnU-Net (``nnUNetTrainer``) on the learning benchmark's budget."""
+
+
+class DSMTrainer_Demo(DSMTrainer_Benchmark):
+    """The learning benchmark's DSM training on the budget of ``nnunetv2_dsm demo`` (a few CPU minutes)."""
+
+    epochs = 4
+    iterations = 150
