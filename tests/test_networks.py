@@ -341,3 +341,20 @@ def test_invalid_configuration_names_the_fix() -> None:
         DSMNetwork(1, 3, **kwargs, query_dim=10, num_heads=4)
     with pytest.raises(ValueError, match="num_classes"):
         DSMNetwork(1, 0, **kwargs)
+
+
+def test_ssm_trains_without_deep_supervision() -> None:
+    """Only the final masks carry a loss then; the straight-through k-means assignment reaches the SSM."""
+    net, _, patch = build(2)
+    x = torch.randn(2, 1, *patch)
+    with torch.no_grad():
+        net.deep_supervision = False
+        reference = net(x)
+    out = net(x)
+    torch.testing.assert_close(out, reference)  # the straight-through estimator leaves the values unchanged
+    out.square().mean().backward()
+    ssm = {n: p.grad for n, p in net.named_parameters() if ".ssm." in n}
+    # The last layer's SSM only shapes masks that no later layer reads: all others must learn.
+    reached = [n for n, g in ssm.items() if g is not None and g.abs().sum() > 0]
+    earlier = [n for n in ssm if not n.startswith(f"kmmm_layers.{len(net.kmmm_layers) - 1}.")]
+    assert earlier and set(earlier) <= set(reached)

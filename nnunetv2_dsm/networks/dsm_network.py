@@ -162,8 +162,11 @@ class DSMNetwork(nn.Module):
         features, last_stage = self.decoder(self.encoder(x))
         q = self.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
         responses = []
+        # Without deep supervision only the final masks carry a loss: the k-means argmax then passes a
+        # straight-through gradient so the mask logits and the SSM still train.
+        straight_through = not self.deep_supervision and torch.is_grad_enabled()
         for layer, f in zip(self.kmmm_layers, features):
-            q, m = layer(q, f)
+            q, m = layer(q, f, straight_through)
             responses.append(m)
         final = self.decoder.pixel_proj(q, last_stage)
         output = [final, *responses[::-1]] if self.deep_supervision else final

@@ -217,8 +217,9 @@ class DSMStage2Network(DSMNetwork):
         tumour = head.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
         responses = []
         guide = None
+        straight_through = not self.deep_supervision and torch.is_grad_enabled()  # as in DSMNetwork.forward
         for kmmm, dqr, f in zip(self.kmmm_layers, head.dqr_layers, features):
-            q, m = kmmm(q, f)
+            q, m = kmmm(q, f, straight_through)
             responses.append(m)
             prompt = head.amvp(m[:, head.organ_index], f.shape[2:])[1] if head.use_amvp else None
             tumour, _, guide = dqr(tumour, q, f, guide, prompt)

@@ -8,7 +8,8 @@ One layer, at one feature level F_l (already projected to ``query_dim``):
    responses as channels. The SSM is residual, as Mamba blocks are used in U-Mamba and Vision Mamba,
    so ``use_ssm=False`` (``M_l = R``) is exactly the layer without it. M_l are the layer's mask logits
    and are returned for deep supervision: the argmax below is not differentiable, so this output is
-   the path by which proj_q, proj_f and the SSM receive gradients;
+   the path by which proj_q, proj_f and the SSM receive gradients (without deep supervision the
+   assignment passes a straight-through gradient instead, ``kmeans_assignment``);
 3. query update, either
    - k-means (kMaX-DeepLab): cluster-wise argmax of M_l over queries gives a one-hot assignment A
      and ``Q <- Q + LN(A . V(F_l))``, the per-cluster SUM of value features. kMaX normalises this
@@ -29,11 +30,21 @@ from nnunetv2_dsm.networks.masked_attention import MaskedCrossAttention
 from nnunetv2_dsm.networks.ssm import SSM
 
 
-def kmeans_assignment(mask_logits: torch.Tensor) -> torch.Tensor:
-    """One-hot cluster assignment of every pixel to its arg-max query (no gradient, as in kMaX)."""
+def kmeans_assignment(mask_logits: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+    """One-hot cluster assignment of every pixel to its arg-max query.
+
+    Without gradient, as in kMaX-DeepLab, where every layer's mask logits are supervised. With
+    ``straight_through`` the forward value is the same one-hot map and the gradient is that of the
+    softmax over queries (straight-through estimator), so the mask logits, and the SSM that forms them,
+    also learn when no deep supervision reaches them.
+    """
     # mask_logits: (B, N, L) -> (B, N, L)
     index = mask_logits.detach().argmax(dim=1, keepdim=True)
-    return torch.zeros_like(mask_logits, memory_format=torch.contiguous_format).scatter_(1, index, 1.0)
+    hard = torch.zeros_like(mask_logits, memory_format=torch.contiguous_format).scatter_(1, index, 1.0)
+    if not straight_through:
+        return hard
+    soft = mask_logits.float().softmax(dim=1).to(mask_logits.dtype)
+    return hard + (soft - soft.detach())
 
 
 class KMeansClusterUpdate(nn.Module):
@@ -108,13 +119,14 @@ class KMMMLayer(nn.Module):
             return r
         return r + self.ssm(F.silu(r).transpose(1, 2)).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, f: torch.Tensor,
+                straight_through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (B, N, C), f: (B, C, *S) -> (q: (B, N, C), M_l: (B, N, *S))
         spatial = f.shape[2:]
         f = f.flatten(2)
         m = self.mask_logits(q, f)
         if self.use_kmeans:
-            q = q + self.update_norm(self.update(kmeans_assignment(m), f))
+            q = q + self.update_norm(self.update(kmeans_assignment(m, straight_through), f))
         else:
             q = self.update(q, f.transpose(1, 2), m.detach() > 0)
         attended, _ = self.self_attn(q, q, q, need_weights=False)
