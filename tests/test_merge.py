@@ -12,6 +12,7 @@ from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
 
 from nnunetv2_dsm.cli import merge as merge_cli
 from nnunetv2_dsm.data.merge import MergeError, MergeSource, merge_datasets
+from nnunetv2_dsm.data.raw_dataset import OutputOverlapsInputError
 from nnunetv2_dsm.io.orientation import image_orientation
 
 SHAPE = (8, 10, 12)
@@ -179,3 +180,24 @@ def test_cli(sources: list[MergeSource], tmp_path: Path, monkeypatch: pytest.Mon
     assert dj["labels"] == {"background": 0, "spleen": 1, "liver": 2}
     # The dropped tumour class becomes background in the liver cases.
     assert [value_at(out / "labelsTr" / "msd03_liver_001.nii.gz", k) for k in range(2)] == [2, 0]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_overlapping_a_source_is_refused_even_with_overwrite(sources: list[MergeSource], tmp_path: Path,
+                                                                   where: str):
+    source = sources[0].path
+    out = {"same": source, "inside": source / "merged", "parent": tmp_path}[where]
+    before = sorted(str(p) for p in source.rglob("*"))
+    with pytest.raises(OutputOverlapsInputError, match="overwrite or remove the input"):
+        merge_datasets(sources, out, overwrite=True)
+    assert sorted(str(p) for p in source.rglob("*")) == before, "the source is untouched"
+
+
+def test_cli_refuses_output_equal_to_a_source(sources: list[MergeSource], capsys):
+    from nnunetv2_dsm.cli.main import main
+
+    args = ["merge", *[a for s in sources[1:] for a in ("--source", str(s.path))], "--out", str(sources[1].path),
+            "--overwrite"]
+    assert main(args) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert (sources[1].path / "dataset.json").is_file()

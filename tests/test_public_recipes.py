@@ -12,7 +12,7 @@ from nnunetv2.experiment_planning import verify_dataset_integrity as vdi
 
 from nnunetv2_dsm.cli import recipe as recipe_cli
 from nnunetv2_dsm.data.public_recipes import RECIPES, RecipeError, convert, left_side
-from nnunetv2_dsm.data.raw_dataset import Geometry
+from nnunetv2_dsm.data.raw_dataset import Geometry, OutputOverlapsInputError
 from nnunetv2_dsm.data.totalseg_names import TOTALSEG_TO_CANONICAL
 from nnunetv2_dsm.io.orientation import image_orientation
 
@@ -328,3 +328,12 @@ def test_cli(tmp_path: Path):
     dj = json.loads((tmp_path / "Dataset220_KiTS23" / "dataset.json").read_text())
     assert list(dj["dsm"]["class_availability"]) == ["kits23_00000"]
     assert dj["labels"]["kidney_right"] == [1, 3, 4] and dj["labels"]["kidney_left"] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_output_equal_to_or_inside_the_source_is_refused(tmp_path: Path, inside: bool):
+    src, _ = _lits(tmp_path / "src")
+    before = sorted(str(p) for p in src.rglob("*"))
+    with pytest.raises(OutputOverlapsInputError, match="overwrite or remove the input"):
+        convert("lits", src, src / "out" if inside else src, overwrite=True)
+    assert sorted(str(p) for p in src.rglob("*")) == before

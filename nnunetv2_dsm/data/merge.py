@@ -298,7 +298,7 @@ def merge_datasets(
     if ignore_id is not None:
         dj["labels"]["ignore"] = ignore_id
 
-    with staged_dataset(out_dir, overwrite=overwrite) as stage:
+    with staged_dataset(out_dir, overwrite=overwrite, inputs=[p.path for p in plans]) as stage:
         for lut, c in tqdm(all_cases, desc="merge", unit="case"):
             copy_image(c.images[0], stage / "imagesTr" / f"{c.out_id}_0000{FILE_ENDING}")
             array, geometry = read_array(c.label)

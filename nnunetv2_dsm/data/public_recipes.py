@@ -381,7 +381,7 @@ def convert(name: str, src: Path, out: Path, overwrite: bool = False, limit: int
     ids = assign_ids(set().union(*per_structure) if per_structure else recipe.classes(), f"recipe {name}")
     availability: dict[str, list[str]] = {}
     out = Path(out)
-    with staged_dataset(out, overwrite=overwrite) as stage:
+    with staged_dataset(out, overwrite=overwrite, inputs=[src]) as stage:
         for case in tqdm(cases, desc=f"recipe {name}", unit="case"):
             geometry = Geometry.of_file(case.image)
             label = _convert_label(recipe, case, geometry, ids)

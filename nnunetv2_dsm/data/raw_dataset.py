@@ -108,12 +108,32 @@ def write_json_atomic(path: Path, obj: object) -> None:
         raise
 
 
+class OutputOverlapsInputError(ValueError):
+    """An output folder equal to, inside, or a parent of an input."""
+
+
+def check_output_apart(final: Path, inputs: Iterable[Path]) -> None:
+    """``final`` may not be an input, lie inside one, or contain one: writing (or ``--overwrite``
+    replacing) it would destroy the data being read."""
+    final = Path(final).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if final == source or final in source.parents or source in final.parents:
+            relation = ("is" if final == source else "contains" if final in source.parents else "lies inside")
+            raise OutputOverlapsInputError(
+                f"output folder {final} {relation} the input {source}; writing it would overwrite or remove the "
+                "input. Choose an output folder outside every input (e.g. a new $nnUNet_raw/DatasetXXX_Name)."
+            )
+
+
 @contextmanager
-def staged_dataset(final: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_dataset(final: Path, overwrite: bool = False, inputs: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield an empty staging folder beside ``final``; on success it replaces ``final``.
 
-    On any error the staging folder is removed and ``final`` is left untouched.
+    On any error the staging folder is removed and ``final`` is left untouched. ``final`` may not
+    overlap any of ``inputs`` (``check_output_apart``), with or without ``overwrite``.
     """
+    check_output_apart(final, inputs)
     final = Path(final).absolute()
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; choose another output folder or pass overwrite.")

@@ -312,7 +312,8 @@ def build_tumour_benchmark(
         (i, c, split, v) for i, c in enumerate(loaded) for split in ("Tr", "Ts") for v in range(variants)
     ]
     out_dir = Path(out_dir)
-    with staged_dataset(out_dir, overwrite=overwrite) as stage:
+    with staged_dataset(out_dir, overwrite=overwrite,
+                        inputs=[f for c in loaded for f in (c.case.ct, c.case.segmentation)]) as stage:
         (stage / "imagesTs").mkdir()
         (stage / "labelsTs").mkdir()
         for i, c, split, v in tqdm(jobs, desc="tumour benchmark", unit="case"):
