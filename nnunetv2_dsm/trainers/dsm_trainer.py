@@ -26,6 +26,7 @@ from nnunetv2_dsm.losses import (
 )
 from nnunetv2_dsm.networks.dsm_network import DSMNetwork
 from nnunetv2_dsm.planners.dsm_planner import DSM_NETWORK
+from nnunetv2_dsm.trainers.optim import DSMOptimizer, PolyLRPerGroup
 
 
 class DSMPlansError(RuntimeError):
@@ -61,6 +62,15 @@ class DSMTrainer(nnUNetTrainer):
             allow_init=True,
             deep_supervision=enable_deep_supervision,
         )
+
+    # AdamW for the query decoder (queries, kMMM layers with their SSMs, heads), nnU-Net's SGD for the CNN.
+    decoder_lr: float = 3e-4
+    decoder_weight_decay: float = 0.05
+
+    def configure_optimizers(self):
+        optimizer = DSMOptimizer(self._unwrapped_network(), self.initial_lr, self.weight_decay, self.decoder_lr,
+                                 self.decoder_weight_decay)
+        return optimizer, PolyLRPerGroup(optimizer, self.num_epochs)
 
     def _unwrapped_network(self) -> DSMNetwork:
         mod = self.network.module if self.is_ddp else self.network

@@ -83,6 +83,7 @@ class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
     text_encoder_spec: str = "minilm"
     # nnU-Net's SGD default is 1e-2; stage 2 fine-tunes a trained stage-1 model (paper: lower stage-2 lr).
     stage2_initial_lr: float = 1e-3
+    decoder_lr: float = 1e-4
     stage2_kwargs: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
