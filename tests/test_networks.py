@@ -217,20 +217,21 @@ def test_masked_cross_attention_empty_mask_falls_back_to_full_attention() -> Non
     torch.testing.assert_close(out[:, 1:], full)
 
 
-def test_mask_product_is_a_scaled_cosine_bounded_by_its_scale() -> None:
+def test_mask_product_is_a_scaled_soft_cosine_bounded_by_its_scale() -> None:
     torch.manual_seed(0)
     head = NormalisedMaskProduct(6, QUERY_DIM)
     q = 100 * torch.randn(2, 3, QUERY_DIM)
     f = 1000 * torch.randn(2, 6, 5, 4, 3)
     k = head.kernel(q)
-    cosine = torch.einsum("bnc,bxyzc->bnxyz", k / k.norm(dim=-1, keepdim=True),
-                          (f / f.norm(dim=1, keepdim=True)).permute(0, 2, 3, 4, 1))
+    soft = f / (f.square().sum(1, keepdim=True) + 6).sqrt()
+    cosine = torch.einsum("bnc,bxyzc->bnxyz", k / k.norm(dim=-1, keepdim=True), soft.permute(0, 2, 3, 4, 1))
     reference = head.log_scale.exp() * cosine + head.bias
     torch.testing.assert_close(head(q, f), reference, rtol=1e-5, atol=1e-5)
     explicit = torch.einsum("bnc,bc...->bn...", head.kernels(q), head.embed(f)) + head.bias
     torch.testing.assert_close(head(q, f), explicit, rtol=1e-5, atol=1e-5)
-    # Large inputs give bounded logits, O(1) at initialisation.
+    # Large inputs give bounded logits, O(1) at initialisation; weak pixel features give logits near the bias.
     assert head(q, f).abs().max() <= head.log_scale.exp() + 1e-4
+    assert (head(q, 1e-6 * f) - head.bias).abs().max() < 1e-2
     assert float(head.log_scale.exp()) == pytest.approx(4.0)
     assert head.log_scale._no_weight_decay and head.bias._no_weight_decay
 
