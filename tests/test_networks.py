@@ -359,3 +359,15 @@ def test_ssm_trains_without_deep_supervision() -> None:
     reached = [n for n, g in ssm.items() if g is not None and g.abs().sum() > 0]
     earlier = [n for n in ssm if not n.startswith(f"kmmm_layers.{len(net.kmmm_layers) - 1}.")]
     assert earlier and set(earlier) <= set(reached)
+
+
+def test_kmeans_void_leaves_unclaimed_pixels_out_of_every_cluster() -> None:
+    logits = torch.tensor([[[2.0, -1.0, -3.0], [1.0, 0.5, -2.0]]])  # (B=1, N=2, L=3): pixel 2 unclaimed
+    assert kmeans_assignment(logits).sum(1).tolist() == [[1.0, 1.0, 1.0]]
+    void = kmeans_assignment(logits, void=True)
+    assert void.tolist() == [[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]
+    logits.requires_grad_()
+    straight = kmeans_assignment(logits, straight_through=True, void=True)
+    assert torch.equal(straight.detach(), void)
+    straight[:, 0].sum().backward()
+    assert logits.grad[..., 2].abs().sum() == 0 and logits.grad[..., :2].abs().sum() > 0

@@ -86,6 +86,7 @@ class DSMNetwork(nn.Module):
         use_ssm: bool = True,
         ffn_dim: int = 256,
         num_heads: int = 4,
+        kmeans_void: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -135,6 +136,7 @@ class DSMNetwork(nn.Module):
                     ssm_bidirectional=ssm_bidirectional,
                     use_kmeans=use_kmeans,
                     use_ssm=use_ssm,
+                    kmeans_void=kmeans_void,
                 )
                 for _ in range(num_levels)
             ]

@@ -30,8 +30,12 @@ from nnunetv2_dsm.networks.masked_attention import MaskedCrossAttention
 from nnunetv2_dsm.networks.ssm import SSM
 
 
-def kmeans_assignment(mask_logits: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+def kmeans_assignment(mask_logits: torch.Tensor, straight_through: bool = False, void: bool = False) -> torch.Tensor:
     """One-hot cluster assignment of every pixel to its arg-max query.
+
+    With ``void``, a pixel that no query claims (every mask logit below 0, i.e. sigmoid below 0.5:
+    background for sigmoid organ masks, which have no background query) joins no cluster, so
+    background pixels are not summed into the organ queries' updates.
 
     Without gradient, as in kMaX-DeepLab, where every layer's mask logits are supervised. With
     ``straight_through`` the forward value is the same one-hot map and the gradient is that of the
@@ -41,9 +45,14 @@ def kmeans_assignment(mask_logits: torch.Tensor, straight_through: bool = False)
     # mask_logits: (B, N, L) -> (B, N, L)
     index = mask_logits.detach().argmax(dim=1, keepdim=True)
     hard = torch.zeros_like(mask_logits, memory_format=torch.contiguous_format).scatter_(1, index, 1.0)
+    claimed = (mask_logits.detach().amax(dim=1, keepdim=True) > 0).to(hard.dtype) if void else None
+    if void:
+        hard = hard * claimed
     if not straight_through:
         return hard
     soft = mask_logits.float().softmax(dim=1).to(mask_logits.dtype)
+    if void:
+        soft = soft * claimed
     return hard + (soft - soft.detach())
 
 
@@ -83,8 +92,10 @@ class KMMMLayer(nn.Module):
         ssm_bidirectional: bool = True,
         use_kmeans: bool = True,
         use_ssm: bool = True,
+        kmeans_void: bool = False,
     ) -> None:
         super().__init__()
+        self.kmeans_void = kmeans_void
         if query_dim % num_heads:
             raise ValueError(f"query_dim ({query_dim}) must be divisible by num_heads ({num_heads}).")
         self.use_kmeans = use_kmeans
@@ -126,7 +137,7 @@ class KMMMLayer(nn.Module):
         f = f.flatten(2)
         m = self.mask_logits(q, f)
         if self.use_kmeans:
-            q = q + self.update_norm(self.update(kmeans_assignment(m, straight_through), f))
+            q = q + self.update_norm(self.update(kmeans_assignment(m, straight_through, self.kmeans_void), f))
         else:
             q = self.update(q, f.transpose(1, 2), m.detach() > 0)
         attended, _ = self.self_attn(q, q, q, need_weights=False)

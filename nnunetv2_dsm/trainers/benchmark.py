@@ -73,3 +73,9 @@ class DSMTrainer_Demo(DSMTrainer_Benchmark):
 
     epochs = 4
     iterations = 150
+
+
+class DSMTrainer_Benchmark_kmeansVoid(DSMTrainer_Benchmark):
+    """The benchmark's DSM run with a void option in the k-means assignment (background joins no cluster)."""
+
+    arch_overrides = {"kmeans_void": True}
