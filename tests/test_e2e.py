@@ -64,7 +64,8 @@ def test_plans_use_dsm_network(nnunet_env, trained: Path) -> None:
     assert plans["label_manager"] == "DSMLabelManager"
     assert config["architecture"]["network_class_name"] == "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
     assert config["architecture"]["arch_kwargs"]["num_kmmm_layers"] == 4
-    assert config["spacing"] == [3.0, 3.0, 3.0], "nnU-Net's target spacing logic is kept"
+    # nnU-Net's target spacing logic is kept: the median spacing of patient A (3 mm) and B (2 x 0.98 mm).
+    assert config["spacing"] == plans["original_median_spacing_after_transp"] == [2.5, 1.98828125, 1.98828125]
 
 
 def test_training_outputs(trained: Path) -> None:
