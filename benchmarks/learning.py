@@ -52,6 +52,9 @@ HELD_OUT = "tsexample_B"
 MODELS = {
     "dsm": ("DSMTrainer_Benchmark", "DSMPlansCPU"),
     "nnunet": ("DSMBaselineTrainer_Benchmark", "ResEncPlansCPU"),
+    # variants of DSM, measured against the same runs
+    "dsm_sgd": ("DSMTrainer_Benchmark_SGD", "DSMPlansCPU"),
+    "dsm_kmeans_void": ("DSMTrainer_Benchmark_kmeansVoid", "DSMPlansCPU"),
 }
 
 
@@ -85,12 +88,14 @@ def dice_per_class(prediction: Path, reference: Path, labels: dict[str, int]) ->
 
 def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"dsm": "tab:red", "nnunet": "tab:blue"}
+    colours = {"dsm": "tab:red", "nnunet": "tab:blue", "dsm_sgd": "tab:orange", "dsm_kmeans_void": "tab:purple"}
+    labels = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)", "dsm_sgd": "DSM, SGD everywhere",
+              "dsm_kmeans_void": "DSM, k-means void"}
     for name, epochs in curves.items():
         iterations = [e["iterations"] for e in epochs]
         cpu = [e["cpu_seconds"] for e in epochs]
         mean_dice = [float(np.mean(e["pseudo_dice"])) for e in epochs]
-        label = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)"}[name]
+        label = labels[name]
         for ax, x in zip(axes, (iterations, cpu)):
             ax.plot(x, mean_dice, "o-", color=colours[name], label=f"{label}: pseudo-Dice on B patches")
             ax.plot([x[-1]], [final[name]["mean"]], "*", markersize=14, color=colours[name],
@@ -192,10 +197,8 @@ def main() -> None:
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "wall_minutes": round((time.time() - started) / 60, 1),
     }
-    if "dsm" in final:
-        payload["dsm_heldout_dice"] = final["dsm"]
-    if "nnunet" in final:
-        payload["nnunet_heldout_dice"] = final["nnunet"]
+    for name, dice in final.items():
+        payload[f"{name}_heldout_dice"] = dice
     if {"dsm", "nnunet"} <= set(final):
         payload["ratio_dsm_over_nnunet_mean_dice"] = round(final["dsm"]["mean"] / max(final["nnunet"]["mean"], 1e-6), 4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +208,8 @@ def main() -> None:
     plot(curves, final, args.out.with_suffix(".png"),
          f"Trained on patient A, Dice on held-out patient B (TotalSegmentator labels); {args.configuration}, "
          f"{args.spacing[0]:g} mm, {args.epochs}x{args.iterations} iterations, CPU {args.threads} threads")
-    print(json.dumps({k: payload.get(k) for k in ("dsm_heldout_dice", "nnunet_heldout_dice",
-                                                  "ratio_dsm_over_nnunet_mean_dice", "cpu_seconds")}, indent=1))
+    print(json.dumps({k: v for k, v in payload.items() if k.endswith("_heldout_dice") or k.startswith("ratio")
+                      or k == "cpu_seconds"}, indent=1))
     print(f"written {args.out}")
 
 

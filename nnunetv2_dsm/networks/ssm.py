@@ -1,45 +1,36 @@
 """Selective state-space scan and the Mamba block used by the kMMM decoder.
 
-``selective_scan`` has the semantics of ``mamba_ssm``'s ``selective_scan_fn``. On CUDA tensors it
-calls the fused kernel of ``mamba_ssm`` when that package and its compiled ``selective_scan_cuda``
-extension are importable. ``mamba_ssm`` ships no CPU implementation other than its sequential
-reference loop, which is far too slow for sequences of 10^5 voxels, so the CPU paths are hand-written:
-the compiled C kernels of ``cpu_kernels`` when a C compiler is available (without gradients the fused
-kernel with D, z and softplus; with gradients the core recurrence with its adjoint, the element-wise
-parts in PyTorch); without a compiler (or on CUDA without mamba-ssm), the chunked parallel scan below,
-written in PyTorch.
+``selective_scan`` has the semantics of ``mamba_ssm``'s ``selective_scan_fn`` and picks one of four
+implementations (``scan_backend``; forced with ``DSM_SCAN_BACKEND``):
 
-Chunked scan: inside a chunk of T steps let g_t = sum_{s<=t} delta_s A (per channel and state).
-The recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t unrolls to
+- ``mamba``: mamba-ssm's fused CUDA kernel, on CUDA when mamba-ssm and its compiled extension import;
+- ``triton``: the Triton kernels of ``triton_scan`` (forward and backward), on CUDA otherwise;
+  nothing to build, Triton ships with PyTorch's CUDA wheels;
+- ``compiled``: the C kernels of ``cpu_kernels`` on CPU when a C compiler is available (without
+  gradients the fused kernel with D, z and softplus; with gradients the core recurrence and its adjoint);
+- ``torch``: the chunked parallel scan of ``scan_torch`` in PyTorch, everywhere.
 
-    h_t = exp(g_t) h_0 + sum_{s<=t} exp(g_t - g_s) delta_s B_s u_s,
-
-and exp(g_t - g_s) factorises into exp(g_t - r) * exp(r - g_s) around a reference r in the middle of
-the chunk, turning the sum into one cumulative sum over the chunk. The factors are bounded by
-exp(span / 2), where span is the log-decay accumulated inside the chunk, so the chunk length is
-halved until the span fits the float type (a single step always fits). Nothing of size L x L is
-formed. Two evaluation orders share this algebra: with gradients, all chunks of a segment are
-computed at once and the chunk states are combined by a log-depth doubling scan (few autograd
-nodes); without gradients, chunks are processed one after another in place (cache-resident).
+Every path accumulates the state in float32 (float64 for float64 inputs) whatever the autocast dtype,
+and returns u's dtype. The choice is logged once per device type.
 """
 
 import functools
-import math
+import importlib.util
+import logging
+import os
 import warnings
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from nnunetv2_dsm.networks import cpu_kernels
+from nnunetv2_dsm.networks import cpu_kernels, scan_torch
 
-# Largest decay span (natural log) inside a chunk: factors reach exp(span / 2) = e^60 in float32,
-# leaving ~e^28 of headroom for the magnitudes of delta * B * u and the chunk sum before overflow.
-_MAX_SPAN = {torch.float32: 120.0, torch.float64: 1200.0}
-# Elements of one (b, D, N, L_segment) intermediate; bounds the memory of a scan segment (64 MiB fp32).
-_SEGMENT_ELEMENTS = 1 << 24
+SCAN_BACKEND_VARIABLE = "DSM_SCAN_BACKEND"
+SCAN_BACKENDS = ("auto", "mamba", "triton", "compiled", "torch")
+_log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -48,15 +39,50 @@ def _fused_selective_scan() -> Callable[..., Tensor] | None:
         import selective_scan_cuda
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception as err:  # a broken CUDA extension raises OSError/RuntimeError, not only ImportError
-        warnings.warn(
-            f"mamba_ssm fused selective scan unavailable ({err!r}); using the PyTorch chunked scan. "
-            "Install mamba-ssm with its CUDA extension for the fused kernel.",
-            stacklevel=3,
-        )
+        _log.info("mamba_ssm fused selective scan unavailable (%r)", err)
         return None
     if not hasattr(selective_scan_cuda, "fwd"):
         return None
     return selective_scan_fn
+
+
+@functools.cache
+def scan_backend(device_type: str) -> str:
+    """The scan implementation used for tensors on ``device_type`` ("cuda", "cpu", ...), chosen once.
+
+    ``auto`` (default): on CUDA mamba-ssm's fused kernel, else Triton, else PyTorch; elsewhere the
+    compiled C kernels, else PyTorch. ``DSM_SCAN_BACKEND`` forces one; a forced backend that cannot run
+    here is an error, not a silent fallback (Triton on CPU needs ``TRITON_INTERPRET=1``).
+    """
+    forced = os.environ.get(SCAN_BACKEND_VARIABLE, "auto").strip().lower() or "auto"
+    if forced not in SCAN_BACKENDS:
+        raise ValueError(f"{SCAN_BACKEND_VARIABLE}={forced!r} is not one of {', '.join(SCAN_BACKENDS)}")
+    cuda = device_type == "cuda"
+    usable = {
+        "mamba": lambda: cuda and _fused_selective_scan() is not None,
+        "triton": lambda: (importlib.util.find_spec("triton") is not None
+                           and (cuda or os.environ.get("TRITON_INTERPRET") == "1")),
+        "compiled": lambda: device_type == "cpu" and cpu_kernels.load_kernels() is not None,
+        "torch": lambda: True,
+    }
+    if forced != "auto":
+        if not usable[forced]():
+            raise RuntimeError(
+                f"{SCAN_BACKEND_VARIABLE}={forced} cannot run on {device_type}: "
+                + {"mamba": "mamba-ssm with its compiled CUDA extension is not importable",
+                   "triton": "Triton is not installed (or, on CPU, TRITON_INTERPRET=1 is not set)",
+                   "compiled": "the C kernels need a CPU tensor and a C compiler"}[forced]
+                + f"; unset {SCAN_BACKEND_VARIABLE} to choose automatically")
+        choice = forced
+    else:
+        order = ("mamba", "triton", "torch") if cuda else ("compiled", "torch")
+        choice = next(name for name in order if usable[name]())
+        if cuda and choice == "torch":
+            warnings.warn("DSM selective scan on CUDA: neither mamba-ssm's kernel nor Triton is available; "
+                          "using the PyTorch chunked scan (slow). Install PyTorch's CUDA wheels (they ship Triton).",
+                          stacklevel=3)
+    _log.info("DSM selective scan on %s: %s%s", device_type, choice, " (forced)" if forced != "auto" else "")
+    return choice
 
 
 def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -87,128 +113,6 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         raise ValueError(f"selective_scan: z shape {tuple(z.shape)} must equal u shape {tuple(u.shape)}")
 
 
-def _segment_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor,
-                  chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Scan one segment, all chunks at once; returns its output and its final state.
-
-    u, delta: (b, G, H, L) with L a multiple of chunk_size; A: (G, H, N); B, C: (b, G, N, L);
-    h0: (b, G, H, N) state entering the segment -> y: (b, G, H, L), h: (b, G, H, N)
-    """
-    b, groups, heads, length = u.shape
-    n_chunks = length // chunk_size
-    # (b, G, H, N, K, T): every (channel, state) pair, chunked
-    dA = (delta.unsqueeze(3) * A.unsqueeze(-1)).unflatten(-1, (n_chunks, chunk_size))
-    x = ((delta * u).unsqueeze(3) * B.unsqueeze(2)).unflatten(-1, (n_chunks, chunk_size))
-    g = dA.cumsum(-1)
-    ref = g[..., chunk_size // 2 : chunk_size // 2 + 1].detach()
-    # Within a chunk: h_t = sum_{s<=t} exp(g_t - g_s) x_s, factorised around ref (both factors bounded).
-    # Two exponentials, not a division by the first: the gradient of x / e^a would square e^a and underflow.
-    rise = torch.exp(g - ref)
-    local = rise * torch.cumsum(torch.exp(ref - g) * x, -1)
-    # Across chunks: H_k = P_k H_{k-1} + local_end_k, a short linear recurrence over K chunks.
-    # Hillis-Steele doubling keeps it vectorised and stable (decays P <= 1 only multiply).
-    decay = torch.exp(g[..., -1])
-    state = local[..., -1]
-    shift = 1
-    while shift < n_chunks:
-        state = torch.cat([state[..., :shift], state[..., shift:] + decay[..., shift:] * state[..., :-shift]], -1)
-        decay = torch.cat([decay[..., :shift], decay[..., shift:] * decay[..., :-shift]], -1)
-        shift *= 2
-    # state_k now includes chunks 0..k from a zero start; add the incoming state, then shift by one chunk.
-    state = state + decay * h0.unsqueeze(-1)
-    entering = torch.cat([h0.unsqueeze(-1), state[..., :-1]], -1)
-    h = local + rise * (torch.exp(ref) * entering.unsqueeze(-1))
-    y = torch.einsum("bghnkt,bgnkt->bghkt", h, C.unflatten(-1, (n_chunks, chunk_size)))
-    return y.flatten(-2), state[..., -1]
-
-
-def _chunk_length(delta: Tensor, A: Tensor, chunk_size: int, limit: float) -> int:
-    """Largest power-of-two chunk (<= chunk_size) whose accumulated log-decay the float type can hold.
-
-    The factors exp(+-(g - ref)) reach exp(span / 2) for a chunk's decay span, so span must stay below
-    ``limit``; fast-decaying inputs get shorter chunks (a single step always fits).
-    """
-    rate = delta * A.abs().amax(-1).unsqueeze(-1)  # (b, G, H, L) per-step bound on the decay
-    while chunk_size > 1:
-        pad = (-rate.shape[-1]) % chunk_size
-        span = F.pad(rate, (0, pad)).unflatten(-1, (-1, chunk_size)).sum(-1).amax()
-        if float(span) < limit:
-            break
-        chunk_size //= 2
-    return chunk_size
-
-
-def _training_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> Tensor:
-    # u, delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) -> y: (b, D, L) without the D and z terms
-    batch, dim, length = u.shape
-    groups, d_state = B.shape[1], A.shape[1]
-    heads = dim // groups
-    u = u.reshape(batch, groups, heads, length)
-    delta = delta.reshape(batch, groups, heads, length)
-    A = A.reshape(groups, heads, d_state)
-    with torch.no_grad():
-        chunk_size = _chunk_length(delta, A, min(chunk_size, length), _MAX_SPAN[u.dtype])
-    # Zero steps neither decay nor add input, so padding to whole chunks does not change the result.
-    pad = (-length) % chunk_size
-    u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
-    # Segments bound the (b, D, N, L)-sized intermediates; in training with several segments each is
-    # recomputed in backward, keeping memory at O(b * D * L) plus one segment.
-    per_step = batch * dim * d_state
-    seg_len = max(chunk_size, (_SEGMENT_ELEMENTS // per_step) // chunk_size * chunk_size)
-    remat = seg_len < u.shape[-1]
-    h = u.new_zeros(batch, groups, heads, d_state)
-    ys = []
-    for start in range(0, u.shape[-1], seg_len):
-        part = slice(start, start + seg_len)
-        args = (u[..., part], delta[..., part], A, B[..., part], C[..., part], h, chunk_size)
-        y, h = checkpoint(_segment_scan, *args, use_reentrant=False) if remat else _segment_scan(*args)
-        ys.append(y)
-    return torch.cat(ys, -1)[..., :length].reshape(batch, dim, length)
-
-
-def _inference_chunk_terms(u: Tensor, delta: Tensor, A2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    # u, delta: (..., b, G, H, T), A2: (G, H, N, 1) -> rel, inputs: (..., b, G, H, 1, T), carry: (..., b, G, H, N)
-    g = delta.cumsum(-1)
-    ref = 0.5 * (g[..., :1] + g[..., -1:])
-    return (g - ref).unsqueeze(-2), (delta * u).unsqueeze(-2), torch.exp2(A2.squeeze(-1) * ref)
-
-
-def _inference_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> Tensor:
-    """No-gradient scan, one cache-sized chunk at a time, in place.
-
-    Without autograd the per-chunk loop wins: each chunk's (b, D, N, T) block stays in cache and is
-    updated in place, where the vectorised training path streams several (b, D, N, L) tensors
-    through memory. exp2 is several times faster than exp on CPU, hence the base-2 exponents.
-    """
-    # u, delta: (b, D, L), A: (D, N), B, C: (b, G, N, L) -> y: (b, D, L)
-    batch, dim, length = u.shape
-    groups, d_state = B.shape[1], A.shape[1]
-    heads = dim // groups
-    chunk_size = _chunk_length(delta.reshape(batch, groups, heads, length), A.reshape(groups, heads, d_state),
-                               min(chunk_size, length), _MAX_SPAN[u.dtype])
-    n_chunks = math.ceil(length / chunk_size)
-
-    def chunks(x: Tensor) -> Tensor:
-        # (..., L) -> (n_chunks, ..., T), zero-padded: a zero step neither decays nor adds input
-        x = F.pad(x, (0, n_chunks * chunk_size - length)).unflatten(-1, (n_chunks, chunk_size))
-        return x.movedim(-2, 0).contiguous()
-
-    A2 = (A * math.log2(math.e)).reshape(groups, heads, d_state, 1)
-    rel, inputs, carry = _inference_chunk_terms(chunks(u.reshape(batch, groups, heads, length)),
-                                                chunks(delta.reshape(batch, groups, heads, length)), A2)
-    B, C = chunks(B.unsqueeze(2)), chunks(C.unsqueeze(2))
-    h = u.new_zeros(batch, groups, heads, d_state)
-    y = u.new_empty(n_chunks, batch, groups, heads, chunk_size)
-    for i in range(n_chunks):
-        decay_to = torch.mul(A2, rel[i]).exp2_()
-        scaled = torch.div(B[i], decay_to).mul_(inputs[i])
-        scaled[..., 0].addcmul_(carry[i], h)
-        states = scaled.cumsum_(-1).mul_(decay_to)
-        h = states[..., -1].clone()
-        torch.sum(states.mul_(C[i]), -2, out=y[i])
-    return y.movedim(0, -2).flatten(-2)[..., :length].reshape(batch, dim, length)
-
-
 class _CompiledTrainingScan(torch.autograd.Function):
     """The core scan (no bias, softplus, D or z) through the compiled CPU kernels, with gradients.
 
@@ -235,29 +139,32 @@ class _CompiledTrainingScan(torch.autograd.Function):
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   *, chunk_size: int = 64, cpu_kernel: bool = True) -> Tensor:
+                   *, chunk_size: int = 64, cpu_kernel: bool = True, backend: str | None = None) -> Tensor:
     """Selective scan with the semantics of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``.
 
     u, delta, z: (batch, dim, L); A: (dim, N) real; B, C: (batch, N, L) or (batch, G, N, L) with G
     dividing dim (channel d uses group d // (dim // G)); D, delta_bias: (dim,). Returns (batch, dim, L)
     in u's dtype. ``chunk_size`` only affects the PyTorch path (speed, not the result);
-    ``cpu_kernel=False`` skips the compiled CPU kernel.
+    ``cpu_kernel=False`` skips the compiled CPU kernel; ``backend`` overrides ``scan_backend`` for this call.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be >= 1, got {chunk_size}")
-    if u.is_cuda:
-        fused = _fused_selective_scan()
-        if fused is not None:
-            return fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    backend = backend or scan_backend(u.device.type)
+    if backend == "compiled" and not cpu_kernel:
+        backend = "torch"
+    if backend == "mamba":
+        return _fused_selective_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype = torch.promote_types(torch.promote_types(u.dtype, delta.dtype), torch.promote_types(A.dtype, B.dtype))
     dtype = torch.float64 if torch.promote_types(dtype, C.dtype) == torch.float64 else torch.float32
+    if backend == "triton" and dtype == torch.float64:
+        backend = "torch"  # the Triton kernels compute in float32; float64 callers want float64
     B = B if B.dim() == 4 else B.unsqueeze(1)
     C = C if C.dim() == 4 else C.unsqueeze(1)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None)
-    kernels = cpu_kernels.load_kernels() if cpu_kernel and not needs_grad and u.device.type == "cpu" else None
-    if kernels is not None:
+    kernels = cpu_kernels.load_kernels() if backend == "compiled" else None
+    if kernels is not None and not needs_grad:
         as_dtype = [None if t is None else t.to(dtype) for t in (u, delta, A, B, C, D, z, delta_bias)]
         return cpu_kernels.selective_scan(kernels, *as_dtype, delta_softplus=delta_softplus).to(u.dtype)
     u_f = u.to(dtype)
@@ -266,11 +173,14 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         delta = delta + delta_bias.to(dtype).unsqueeze(-1)
     if delta_softplus:
         delta = F.softplus(delta)
-    train_kernels = cpu_kernels.load_kernels() if cpu_kernel and needs_grad and u.device.type == "cpu" else None
-    if train_kernels is not None:
-        y = _CompiledTrainingScan.apply(train_kernels, u_f, delta, A.to(dtype), B.to(dtype), C.to(dtype))
+    if backend == "triton":
+        from nnunetv2_dsm.networks import triton_scan  # compiles (or, on CPU, interprets) on first use
+
+        y = triton_scan.TritonScan.apply(u_f, delta, A.to(dtype), B.to(dtype), C.to(dtype))
+    elif kernels is not None:
+        y = _CompiledTrainingScan.apply(kernels, u_f, delta, A.to(dtype), B.to(dtype), C.to(dtype))
     else:
-        scan = _training_scan if needs_grad else _inference_scan
+        scan = scan_torch.training_scan if needs_grad else scan_torch.inference_scan
         y = scan(u_f, delta, A.to(dtype), B.to(dtype), C.to(dtype), chunk_size)
     if D is not None:
         y = y + u_f * D.to(dtype).unsqueeze(-1)

@@ -18,6 +18,7 @@ import os
 import time
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
@@ -79,3 +80,10 @@ class DSMTrainer_Benchmark_kmeansVoid(DSMTrainer_Benchmark):
     """The benchmark's DSM run with a void option in the k-means assignment (background joins no cluster)."""
 
     arch_overrides = {"kmeans_void": True}
+
+
+class DSMTrainer_Benchmark_SGD(DSMTrainer_Benchmark):
+    """The benchmark's DSM run with nnU-Net's optimiser (SGD, lr 1e-2, Nesterov 0.99) for every parameter."""
+
+    def configure_optimizers(self):
+        return nnUNetTrainer.configure_optimizers(self)

@@ -25,6 +25,7 @@ from nnunetv2_dsm.losses import (
     availability_from_keys,
 )
 from nnunetv2_dsm.networks.dsm_network import DSMNetwork
+from nnunetv2_dsm.networks.ssm import SCAN_BACKEND_VARIABLE, scan_backend
 from nnunetv2_dsm.planners.dsm_planner import DSM_NETWORK
 from nnunetv2_dsm.trainers.optim import DSMOptimizer, PolyLRPerGroup
 
@@ -75,6 +76,11 @@ class DSMTrainer(nnUNetTrainer):
     def _unwrapped_network(self) -> DSMNetwork:
         mod = self.network.module if self.is_ddp else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.print_to_log_file(f"selective scan: {scan_backend(self.device.type)} "
+                               f"(set {SCAN_BACKEND_VARIABLE} to force mamba, triton, compiled or torch)")
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self._unwrapped_network().deep_supervision = enabled
