@@ -43,11 +43,18 @@ class PartialLabelDiceBCELoss(nn.Module):
                 "targets must be region (one channel per class) masks, not a label map"
             )
         available = check_available(available, logits.shape[0], logits.shape[1])
+        # float32 island under autocast: sigmoid, BCE and the Dice sums over up to ~10^6 voxels would lose
+        # precision (bfloat16) or overflow (float16 above 65504) in reduced precision.
+        with torch.autocast(logits.device.type, enabled=False):
+            return self._loss(logits.float(), target, available)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        # logits: (B, C, *S) float32 -> scalar
         axes = tuple(range(2, logits.ndim))
         with torch.no_grad():
             y = target.to(torch.float32)
 
-        bce = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none")
+        bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
         bce_term = masked_pair_mean(bce.mean(axes, dtype=torch.float32), available)
 
         x = torch.sigmoid(logits)
