@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnunetv2_dsm.networks.cpu_kernels import load_kernels
+from nnunetv2_dsm.networks.ssm import scan_backend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DSM_CLASS = "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
@@ -174,6 +175,8 @@ def main() -> None:
             else (platform.processor() or platform.machine()),
             "torch": torch.__version__,
             "cpu_scan": "compiled kernels" if load_kernels() is not None else "PyTorch chunked scan",
+            "scan_backend": scan_backend(device.type),
+            "amp": "float16 autocast (as nnU-Net)" if device.type == "cuda" else "off",
         },
         "command": " ".join(["python", *sys.argv]),
         "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],

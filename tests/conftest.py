@@ -5,6 +5,7 @@ import os
 if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """mamba-ssm's sequential ``selective_scan_ref`` (its Python reference; no CUDA extension needed)."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        pytest.skip("mamba_ssm not installed: MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE "
+                    "pip install --no-build-isolation mamba-ssm==2.3.2.post1")
+    from _mamba_reference import load_selective_scan_ref
+
+    return load_selective_scan_ref()

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_networks import build
+from test_ssm import make_inputs
 from test_stage2 import _tiny_network
 
 from nnunetv2_dsm.losses import ClassPresenceBCE, PartialLabelDeepSupervision, PartialLabelDiceBCELoss
 from nnunetv2_dsm.networks.alignment import TextAlignmentHead
 from nnunetv2_dsm.networks.kmmm import KMeansClusterUpdate
 from nnunetv2_dsm.networks.ssm import SCAN_BACKEND_VARIABLE, scan_backend, selective_scan
-from test_ssm import make_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import subprocess
@@ -8,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _mamba_reference import load_selective_scan_ref
 
 from nnunetv2_dsm.networks.cpu_kernels import load_kernels
 from nnunetv2_dsm.networks.ssm import SSM, selective_scan
@@ -29,14 +27,6 @@ def no_grad_path(request):
 
 # The same two paths with gradients: the compiled forward/adjoint kernels, or the chunked PyTorch scan.
 grad_path = no_grad_path
-
-
-@pytest.fixture(scope="module")
-def reference():
-    if importlib.util.find_spec("mamba_ssm") is None:
-        pytest.skip("mamba_ssm not installed: MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE "
-                    "pip install --no-build-isolation mamba-ssm==2.3.2.post1")
-    return load_selective_scan_ref()
 
 
 def make_inputs(batch, dim, d_state, length, groups=None, *, with_d=True, with_z=True, with_bias=True,

@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
+from test_ssm import assert_parity, make_inputs
 
 from nnunetv2_dsm.networks import ssm
 from nnunetv2_dsm.networks.ssm import SCAN_BACKEND_VARIABLE, scan_backend, selective_scan
-from test_ssm import assert_parity, make_inputs, reference  # noqa: F401  (fixture)
 
 pytest.importorskip("triton", reason="Triton is not installed (it ships with PyTorch's CUDA wheels)")
 pytestmark = [

@@ -17,9 +17,9 @@ and returns u's dtype. The choice is logged once per device type.
 import functools
 import importlib.util
 import logging
+import math
 import os
 import warnings
-import math
 from collections.abc import Callable
 
 import torch
