@@ -41,33 +41,46 @@ def _assert_finite_step(net: torch.nn.Module, loss: torch.Tensor) -> None:
     assert ssm and all(g is not None and g.abs().sum() > 0 for g in ssm), "an SSM received no gradient"
 
 
-@pytest.mark.parametrize("scan", ["compiled", "torch"])
-def test_stage1_training_step_under_autocast_is_finite(scan, monkeypatch, fresh_scan_choice):
+# (device, autocast dtype, scan backend): bfloat16 on CPU as the proxy; float16 and bfloat16 on CUDA when present
+SETTINGS = [("cpu", torch.bfloat16, "compiled"), ("cpu", torch.bfloat16, "torch")]
+if torch.cuda.is_available():
+    SETTINGS += [("cuda", torch.float16, "auto"), ("cuda", torch.bfloat16, "auto")]
+
+
+def _setting(monkeypatch, device: str, scan: str) -> None:
     from nnunetv2_dsm.networks.cpu_kernels import load_kernels
     if scan == "compiled" and load_kernels() is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv(SCAN_BACKEND_VARIABLE, scan)
+
+
+@pytest.mark.parametrize(("device", "dtype", "scan"), SETTINGS, ids=str)
+def test_stage1_training_step_under_autocast_is_finite(device, dtype, scan, monkeypatch, fresh_scan_choice):
+    _setting(monkeypatch, device, scan)
     net, _, patch = build(2)
+    net = net.to(device)
     net.deep_supervision = True
     loss_fn = PartialLabelDeepSupervision(PartialLabelDiceBCELoss())
-    x = torch.randn(2, 1, *patch)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(2, 1, *patch, device=device)
+    with torch.autocast(device, dtype=dtype):
         outputs, extras = net(x, return_extras=True)
-        assert outputs[0].dtype == torch.bfloat16  # the network really ran in reduced precision
-        available = torch.ones(2, outputs[0].shape[1], dtype=torch.bool)
-        targets = _targets(outputs)
+        assert outputs[0].dtype == dtype  # the network really ran in reduced precision
+        available = torch.ones(2, outputs[0].shape[1], dtype=torch.bool, device=device)
+        targets = [t.to(device) for t in _targets(outputs)]
         loss = loss_fn(outputs, targets, available) + ClassPresenceBCE()(extras["class_logits"], targets[0], available)
     _assert_finite_step(net, loss)
 
 
-def test_stage2_training_step_under_autocast_is_finite():
-    net = _tiny_network(deep_supervision=True)
+@pytest.mark.parametrize(("device", "dtype", "scan"), SETTINGS, ids=str)
+def test_stage2_training_step_under_autocast_is_finite(device, dtype, scan, monkeypatch, fresh_scan_choice):
+    _setting(monkeypatch, device, scan)
+    net = _tiny_network(deep_supervision=True).to(device)
     net.tumour_decoder.text_embeddings.copy_(F.normalize(torch.randn(4, 8), dim=1))
-    x = torch.randn(2, 1, 8, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(2, 1, 8, 16, 16, device=device)
+    with torch.autocast(device, dtype=dtype):
         outputs, extras = net(x, return_extras=True)
-        available = torch.ones(2, outputs[0].shape[1], dtype=torch.bool)
-        targets = _targets(outputs, seed=1)
+        available = torch.ones(2, outputs[0].shape[1], dtype=torch.bool, device=device)
+        targets = [t.to(device) for t in _targets(outputs, seed=1)]
         loss = PartialLabelDeepSupervision(PartialLabelDiceBCELoss())(outputs, targets, available)
         loss = loss + ClassPresenceBCE()(extras["class_logits"], targets[0], available)
     _assert_finite_step(net, loss)
