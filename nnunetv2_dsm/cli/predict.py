@@ -12,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment classes named by text prompts (also unseen tumour types) and write anomaly maps",
         description=(
             "Predict every <case>_0000.nii.gz of the input folder with a trained DSM model. Writes "
-            "<case>.nii.gz (label ids 1..K in prompt order, later prompts win), scores/<case>_<prompt>.nii.gz "
+            "<case>.nii.gz (label ids 1..K in prompt order; where prompts overlap, tumours win over organs, then "
+            "the more probable prompt), scores/<case>_<prompt>.nii.gz "
             "(probabilities), scores/<case>_anomaly.nii.gz and prompts.json, in the input geometry."
         ),
     )

@@ -1,13 +1,15 @@
 """Open-vocabulary DSM prediction from text prompts, with anomaly maps, on top of nnU-Net's predictor.
 
 nnU-Net's ``nnUNetPredictor`` does the preprocessing, sliding window, mirroring and resampling; this
-subclass swaps the model's class set for the embeddings of the given prompts
-(``DSMStage2Network.set_text_embeddings``), turns on the anomaly channel and replaces the label manager
-by one for the K' prompts + the anomaly channel, so nnU-Net's machinery handles K'+1 output channels.
-Per case it writes, in the input image's geometry:
+subclass gives the model the embeddings of the prompts (``DSMStage2Network.set_prompts``: each prompt
+is scored against the trained class names and no-object, not against the other prompts, and a prompt
+that names a trained class gives that class's trained output), turns on the anomaly channel and
+replaces the label manager by one for the K' prompts + the anomaly channel, so nnU-Net's machinery
+handles K'+1 output channels. Per case it writes, in the input image's geometry:
 
-- ``<case>.nii.gz``: label map, id i (1..K', prompt order) where prompt i's probability exceeds 0.5,
-  later prompts winning where several do;
+- ``<case>.nii.gz``: label map, id i (1..K', prompt order) where prompt i's probability exceeds 0.5;
+  where several do, tumour prompts win over organ prompts (organs contain their tumours) and, within
+  a role, the more probable prompt wins, whatever the prompt order;
 - ``scores/<case>_<prompt-slug>.nii.gz``: the probability map of every prompt;
 - ``scores/<case>_anomaly.nii.gz``: the anomaly map, ``S = -max`` over the organ channels of the
   stage-1 logits, min-max normalised over the whole case;
@@ -44,7 +46,7 @@ from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
 from nnunetv2_dsm.text import check_encoder_matches, class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.text.factory import spec_hint
 from nnunetv2_dsm.trainers.stage2 import TEXT_CHECKPOINT_KEY, TEXT_JSON, organ_channels
-from nnunetv2_dsm.vocabulary import CANONICAL, prompt_for
+from nnunetv2_dsm.vocabulary import CANONICAL, is_tumour, prompt_for
 
 ANOMALY = "anomaly"
 SCORES_DIR = "scores"
@@ -84,6 +86,28 @@ def class_name_for_prompt(prompt: str) -> str:
     """Canonical name when the prompt spells one ("pancreas tumor" -> pancreas_tumor), else the text itself."""
     slug = prompt_slug(prompt)
     return slug if slug in CANONICAL else prompt.strip()
+
+
+def is_tumour_prompt(prompt: str) -> bool:
+    """Whether a prompt names a lesion: a canonical tumour class, or free text naming one."""
+    name = class_name_for_prompt(prompt)
+    if name in CANONICAL:
+        return is_tumour(name)
+    return bool(re.search(r"tumou?r|cyst|lesion|cancer|carcinoma|neoplasm|metasta|thrombus|nodule|mass\b",
+                          prompt.lower()))
+
+
+def label_map(probabilities: Tensor, tumour: Sequence[bool]) -> Tensor:
+    """Label ids (1..P) where a prompt's probability exceeds 0.5, independent of the prompt order.
+
+    Where several prompts exceed 0.5, a tumour prompt wins over an organ prompt (an organ's map
+    contains its tumours), then the more probable prompt.
+    """
+    # probabilities: (P, *S) -> (*S) uint8
+    rank = probabilities + 2.0 * torch.tensor(tumour, dtype=probabilities.dtype).view(-1, *[1] * (probabilities.ndim - 1))
+    rank = rank.masked_fill(probabilities <= 0.5, -1.0)
+    best = rank.max(dim=0)
+    return torch.where(best.values >= 0, best.indices + 1, 0).to(torch.uint8)
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -186,12 +210,8 @@ class DSMPredictor(nnUNetPredictor):
         if isinstance(network, DSMStage2Network) and network.tumour_decoder.class_embeddings is None:
             fold = use_folds[0] if isinstance(use_folds, (list, tuple)) else use_folds
             record = self._text_record(model_folder / f"fold_{fold}", checkpoint_name)
-            embeddings = self._embed(record)
-            network.set_text_embeddings(embeddings)
+            network.set_prompts(self._embed(record), self._trained_index(trained))
             network.export_anomaly = True
-            key = next(k for k in network.state_dict() if k.endswith("seg_layers.text_embeddings"))
-            for params in self.list_of_parameters:
-                params[key] = embeddings
         else:
             channels = self._trained_channels(trained)
             if isinstance(network, DSMStage2Network):
@@ -232,17 +252,22 @@ class DSMPredictor(nnUNetPredictor):
         self.encoder_id = encoder.encoder_id
         return class_prompt_embeddings(encoder, [class_name_for_prompt(p) for p in self.prompts])
 
-    def _trained_channels(self, trained: list[str]) -> list[int]:
+    def _trained_index(self, trained: list[str]) -> list[int]:
+        """For each prompt, the trained class it names (by key or display name), or -1."""
         by_slug = {prompt_slug(name): i for i, name in enumerate(trained)}
         by_slug.update({prompt_slug(CANONICAL.get(name, name)): i for i, name in enumerate(trained)})
-        unknown = [p for p, s in zip(self.prompts, self.slugs) if s not in by_slug]
+        return [by_slug.get(s, -1) for s in self.slugs]
+
+    def _trained_channels(self, trained: list[str]) -> list[int]:
+        index = self._trained_index(trained)
+        unknown = [p for p, i in zip(self.prompts, index) if i < 0]
         if unknown:
             raise DSMPredictionError(
                 f"this model has no text alignment (a stage-1 DSMTrainer or _noCLIP model), so it predicts only "
                 f"its trained classes {trained}; prompts {unknown} are not among them. Use a DSMTrainerStage2 "
                 "model for new class names."
             )
-        return [by_slug[s] for s in self.slugs]
+        return index
 
     def predict_folder(self, input_folder: str | Path, output_folder: str | Path) -> list[str]:
         """Predict every case of ``input_folder`` (nnU-Net naming, ``<case>_0000.nii.gz``); returns case ids."""
@@ -301,7 +326,8 @@ class DSMPredictor(nnUNetPredictor):
                  "probability_map": f"{SCORES_DIR}/<case>_{s}.nii.gz"}
                 for i, (p, s) in enumerate(zip(self.prompts, self.slugs))
             ],
-            "label_map": "<case>.nii.gz: id of the last prompt whose probability exceeds 0.5",
+            "label_map": "<case>.nii.gz: id of the prompt whose probability exceeds 0.5; where several do, "
+                         "tumour prompts win over organ prompts, then the more probable prompt",
             "anomaly_map": f"{SCORES_DIR}/<case>_{ANOMALY}.nii.gz: -max organ logit, min-max normalised per case",
             "trainer": self.trainer_name,
             "text_encoder": self.encoder_id,
@@ -321,9 +347,7 @@ class DSMPredictor(nnUNetPredictor):
         ).float()
         probabilities = torch.sigmoid(logits[:-1])
         anomaly = minmax_per_case(logits[-1:])[0]
-        labels = torch.zeros(probabilities.shape[1:], dtype=torch.uint8)
-        for i, p in enumerate(probabilities):
-            labels[p > 0.5] = i + 1
+        labels = label_map(probabilities, [is_tumour_prompt(p) for p in self.prompts])
         volumes = [labels.numpy(), *probabilities.numpy(), anomaly.numpy()]
         # The label map is written last: its presence marks a finished case, so a prediction killed
         # half-way never leaves a case that looks complete.

@@ -5,30 +5,56 @@ class logits of query q are ``cos(proj(q), t_c) / tau`` with tau = 0.01, so
 ``p_q(c) = softmax_c(cos / tau)``. Text embeddings t (K, D) are inputs: the network owns them as
 buffers (any class name, seen or unseen, is a new row at predict time); nothing here encodes text.
 
+A learned no-object embedding t_0 joins the K classes in the softmax (MaskFormer's "no object"
+class), so a query that matches no class puts its mass there and drops out of every class map.
+
 Semantic inference for class c (MaskFormer, Cheng et al. 2021):
 
     P_c(x) = sum_q p_q(c) * sigmoid(m_q(x))                       (``semantic_masks``)
 
-is a probability-like map for prediction and AUROC. It lies in [0, sum_q p_q(c)], which exceeds 1
-only where several queries claim the same class. For the similarity-weighted stage-2 BCE
-(section 4.2.4) ``semantic_logits`` gives logits of the bounded mixture
+a sum over queries, clipped to 1 where several queries claim the same class (``semantic_logits``
+returns its logits, for ``binary_cross_entropy_with_logits``, the BCE form that mixed-precision
+autocast accepts, and for nnU-Net, which applies the sigmoid).
 
-    P~_c(x) = sum_q p_q(c) sigmoid(m_q(x)) / max(1, sum_q p_q(c)),
-
-equal to P_c wherever a class's total query mass is at most 1 (and still near 0 for a class no query
-claims), always in [0, 1], for use with ``binary_cross_entropy_with_logits``, the BCE form that
-mixed-precision autocast accepts.
+Open vocabulary (``prompt_probabilities``): each prompt competes with the trained classes and
+no-object, not with the other prompts, so a prompt's map does not depend on what else is asked; a
+prompt that names a trained class takes that class's own column and reproduces its trained output.
+With Z = logsumexp over the trained classes and no-object, a new prompt with logit l_p gets
+p_q(p) = exp(l_p) / (exp(Z) + exp(l_p)) = sigmoid(l_p - Z).
 """
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def class_probabilities(class_logits: Tensor) -> Tensor:
-    """p_q(c): softmax over the K classes of every query."""
-    # class_logits: (B, Nq, K) -> (B, Nq, K)
-    return class_logits.softmax(dim=-1)
+def class_probabilities(class_logits: Tensor, no_object_logits: Tensor | None = None) -> Tensor:
+    """p_q(c): softmax over the K classes (and no-object, whose column is dropped) of every query."""
+    # class_logits: (B, Nq, K), no_object_logits: (B, Nq, 1) -> (B, Nq, K)
+    if no_object_logits is None:
+        return class_logits.softmax(dim=-1)
+    return torch.cat([class_logits, no_object_logits], dim=-1).softmax(dim=-1)[..., :-1]
+
+
+def prompt_probabilities(class_logits: Tensor, no_object_logits: Tensor, prompt_logits: Tensor,
+                         trained_index: Sequence[int]) -> Tensor:
+    """p_q(prompt) for every prompt, each against the trained classes and no-object (module docstring).
+
+    ``trained_index[i]`` is the trained class prompt i names, or -1 for a new name.
+    """
+    # class_logits: (B, Nq, K), no_object_logits: (B, Nq, 1), prompt_logits: (B, Nq, P) -> (B, Nq, P)
+    if len(trained_index) != prompt_logits.shape[-1]:
+        raise ValueError(f"{prompt_logits.shape[-1]} prompts but {len(trained_index)} trained-class indices")
+    with torch.autocast(class_logits.device.type, enabled=False):
+        known = torch.cat([class_logits, no_object_logits], dim=-1).float()
+        log_z = torch.logsumexp(known, dim=-1, keepdim=True)
+        new = torch.sigmoid(prompt_logits.float() - log_z)
+        index = torch.tensor([max(i, 0) for i in trained_index], device=known.device)
+        trained = torch.exp(known.index_select(-1, index) - log_z)
+        is_trained = torch.tensor([i >= 0 for i in trained_index], device=known.device)
+        return torch.where(is_trained, trained, new)
 
 
 def _check_semantic_inputs(mask_logits: Tensor, class_probs: Tensor) -> None:
@@ -52,7 +78,7 @@ def semantic_masks(mask_logits: Tensor, class_probs: Tensor) -> Tensor:
 
 def semantic_logits(mask_logits: Tensor, class_probs: Tensor, eps: float = 1e-6,
                     overwrite_masks: bool = False) -> Tensor:
-    """Logits of the bounded mixture P~_c (see the module docstring), for BCE with logits.
+    """Logits of P_c = sum_q p_q(c) sigmoid(m_q), clipped to [eps, 1 - eps] (module docstring).
 
     ``overwrite_masks=True`` (prediction, no gradients) lets float32 ``mask_logits`` be overwritten
     by their sigmoid, saving a copy of the largest tensor of the head.
@@ -62,10 +88,9 @@ def semantic_logits(mask_logits: Tensor, class_probs: Tensor, eps: float = 1e-6,
     # float32: the mixture is a probability near 0 or 1 whose logit half precision cannot resolve.
     with torch.autocast(mask_logits.device.type, enabled=False):
         probs = class_probs.float()
-        weights = probs / probs.sum(dim=1, keepdim=True).clamp(min=1.0)
         masks = mask_logits.float()
         masks = masks.sigmoid_() if overwrite_masks else torch.sigmoid(masks)
-        mixture = torch.bmm(weights.transpose(1, 2), masks.flatten(2)).view(-1, weights.shape[2], *masks.shape[2:])
+        mixture = torch.bmm(probs.transpose(1, 2), masks.flatten(2)).view(-1, probs.shape[2], *masks.shape[2:])
         return mixture.logit_(eps=eps) if overwrite_masks else torch.logit(mixture, eps=eps)
 
 

@@ -17,8 +17,11 @@ Per kMMM level l (coarse to fine), with F_l the level's feature and M_l the post
    queries of that level, FFN.
 
 Then masks m_q for all queries [stage-1 queries; tumour queries] from the pixel embedding, class
-probabilities p_q(c) = softmax_c(cos(proj(q), t_c) / tau) over the K text embeddings t, and the output
-``semantic_logits(m, p)`` (B, K, *S): logits, nnU-Net applies the sigmoid.
+probabilities p_q(c) = softmax_c(cos(proj(q), t_c) / tau) over the K text embeddings t and a learned
+no-object embedding t_0 (a query that matches no class drops out), and the output
+``semantic_logits(m, p)`` (B, K, *S), the logits of P_c = sum_q p_q(c) sigmoid(m_q); nnU-Net applies
+the sigmoid. With prompts set (``set_prompts``) the output has one channel per prompt instead, each
+prompt scored against the trained classes and no-object (``alignment.prompt_probabilities``).
 """
 
 from collections.abc import Sequence
@@ -27,7 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nnunetv2_dsm.networks.alignment import TextAlignmentHead, semantic_logits
+from nnunetv2_dsm.networks.alignment import (
+    TextAlignmentHead,
+    class_probabilities,
+    prompt_probabilities,
+    semantic_logits,
+)
 from nnunetv2_dsm.networks.amvp import AnomalyMaskPrompt
 from nnunetv2_dsm.networks.dqr import DQRLayer
 from nnunetv2_dsm.networks.dsm_network import DSMNetwork, LazyExtras
@@ -56,8 +64,9 @@ class PlainFeature(nn.Module):
 class TumourQueryDecoder(nn.Module):
     """The modules stage 2 adds: tumour queries, AMVP, one DQR layer per level, text alignment.
 
-    Buffers: ``text_embeddings`` (K, text_dim), persistent (saved with the weights, set from the text
-    encoder by the trainer, swapped by ``set_text_embeddings`` for open-vocabulary prediction) and
+    Buffers: ``text_embeddings`` (K, text_dim) of the trained classes, persistent (saved with the
+    weights, set from the text encoder by the trainer); ``prompt_embeddings`` (P, text_dim), not
+    persistent, the prompts of an open-vocabulary prediction (``set_prompts``); and
     ``organ_index`` (indices of the stage-1 channels that are organs, not persistent: it comes from the
     plans). With ``use_text=False`` learned class embeddings replace the text (the ``_noCLIP`` ablation).
     """
@@ -102,7 +111,11 @@ class TumourQueryDecoder(nn.Module):
                 layer.diffusion = PlainFeature()
         self.alignment = TextAlignmentHead(query_dim, text_dim, temperature)
         self.register_buffer("text_embeddings", torch.zeros(num_classes, text_dim))
+        self.register_buffer("prompt_embeddings", None, persistent=False)
+        self.prompt_trained_index: list[int] = []
         self.class_embeddings = nn.Parameter(torch.randn(num_classes, text_dim)) if not use_text else None
+        # MaskFormer's "no object" class, as one more embedding the queries are compared to.
+        self.no_object = nn.Parameter(torch.randn(1, text_dim))
         self.register_buffer("organ_index", torch.tensor(organ, dtype=torch.long), persistent=False)
 
     def class_vectors(self) -> Tensor:
@@ -188,11 +201,30 @@ class DSMStage2Network(DSMNetwork):
 
     @property
     def num_prompt_classes(self) -> int:
-        """K of the semantic output: rows of the current text (or learned class) embeddings."""
-        return self.tumour_decoder.class_vectors().shape[0]
+        """Channels of the semantic output: the prompts when set, else the trained classes."""
+        head = self.tumour_decoder
+        return len(head.prompt_trained_index) if head.prompt_embeddings is not None else head.class_vectors().shape[0]
 
-    def set_text_embeddings(self, embeddings: Tensor) -> None:
-        """Replace the class set by ``embeddings`` (K', text_dim); the output then has K' channels."""
+    def set_prompts(self, embeddings: Tensor, trained_index: list[int]) -> None:
+        """Predict the prompts embedded as ``embeddings`` (P, text_dim) instead of the trained classes.
+
+        ``trained_index[i]`` is the trained class prompt i names (its output is then that class's trained
+        output), or -1 for a new name. ``clear_prompts`` returns to the trained classes.
+        """
+        head = self.tumour_decoder
+        self._check_text(embeddings)
+        num_trained = head.class_vectors().shape[0]
+        if len(trained_index) != embeddings.shape[0] or any(not -1 <= i < num_trained for i in trained_index):
+            raise ValueError(f"trained_index must give, for each of the {embeddings.shape[0]} prompts, a trained "
+                             f"class in [0, {num_trained}) or -1, got {trained_index}")
+        head.prompt_embeddings = embeddings.detach().to(head.text_embeddings.device, torch.float32).clone()
+        head.prompt_trained_index = [int(i) for i in trained_index]
+
+    def clear_prompts(self) -> None:
+        self.tumour_decoder.prompt_embeddings = None
+        self.tumour_decoder.prompt_trained_index = []
+
+    def _check_text(self, embeddings: Tensor) -> None:
         head = self.tumour_decoder
         if head.class_embeddings is not None:
             raise ValueError(
@@ -205,12 +237,17 @@ class DSMStage2Network(DSMNetwork):
                 f"text embeddings must be (K >= 1, {dim}), got {tuple(embeddings.shape)}: embed the prompts "
                 "with the text encoder the model was trained with."
             )
+
+    def set_text_embeddings(self, embeddings: Tensor) -> None:
+        """Set the trained class set's embeddings (K', text_dim) (the trainer does, from its text encoder)."""
+        head = self.tumour_decoder
+        self._check_text(embeddings)
         head.text_embeddings = embeddings.detach().to(head.text_embeddings.device, torch.float32).clone()
 
     def forward(
         self, x: Tensor, return_extras: bool = False
     ) -> Tensor | list[Tensor] | tuple[Any, LazyExtras]:
-        # x: (B, C_in, *S) -> (B, K(+1), *S) | [(B, K, *S), (B, K, *S), (B, K, *S_l) fine to coarse] (+ extras)
+        # x: (B, C_in, *S) -> (B, K or P (+1), *S) | [(B, K, *S), (B, K, *S), (B, K, *S_l) fine to coarse] (+ extras)
         head = self.tumour_decoder
         features, last_stage = self.decoder(self.encoder(x))
         q = self.queries.weight.unsqueeze(0).expand(x.shape[0], -1, -1)
@@ -227,12 +264,18 @@ class DSMStage2Network(DSMNetwork):
         masks = self.decoder.pixel_proj(all_queries, last_stage)
         final = masks[:, : self.num_classes]
         class_logits = head.alignment(all_queries, head.class_vectors())
+        no_object_logits = head.alignment(all_queries, head.no_object)
+        if head.prompt_embeddings is not None and not self.deep_supervision:
+            probs = prompt_probabilities(class_logits, no_object_logits,
+                                         head.alignment(all_queries, head.prompt_embeddings), head.prompt_trained_index)
+        else:
+            probs = class_probabilities(class_logits, no_object_logits)
         exporting = self.export_anomaly and not self.deep_supervision
         if exporting:
             anomaly = -final[:, head.organ_index].amax(dim=1, keepdim=True)
         # Prediction needs neither the mask logits nor their gradient after the mixture.
         predicting = not (self.deep_supervision or return_extras or (torch.is_grad_enabled() and masks.requires_grad))
-        semantic = semantic_logits(masks, class_logits.softmax(dim=-1), overwrite_masks=predicting)
+        semantic = semantic_logits(masks, probs, overwrite_masks=predicting)
         if self.deep_supervision:
             output = [semantic, final, *responses[::-1]]
         elif exporting:
@@ -249,6 +292,7 @@ class DSMStage2Network(DSMNetwork):
                 "features": features,
                 "tumour_queries": tumour,
                 "text_class_logits": class_logits,
+                "no_object_logits": no_object_logits,
                 "stage1_logits": final,
             },
             {"pixel_embedding": lambda: self.decoder.pixel_embedding(last_stage)},
