@@ -1,9 +1,10 @@
 """Checks that a dataset.json carries what DSM needs, with errors that say how to fix it."""
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.vocabulary import CANONICAL
 
 
-class DSMDatasetError(ValueError):
+class DSMDatasetError(DSMError, ValueError):
     pass
 
 

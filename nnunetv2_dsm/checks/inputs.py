@@ -35,6 +35,7 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import image_orientation, mixed_orientations
 
@@ -51,7 +52,7 @@ _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", 
 _MAX_LISTED = 10
 
 
-class InputError(ValueError):
+class InputError(DSMError, ValueError):
     """A bad input. ``str(err)`` is ``"<path(s)>: <problem> How to fix: <fix>."``."""
 
     def __init__(self, paths: PathLike | Sequence[PathLike], problem: str, fix: str) -> None:

@@ -13,11 +13,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from nnunetv2_dsm.errors import DSMError
+
 TOTALSEG_VERSION = "2.18.0"
 SDIST_NAME = f"totalsegmentator-{TOTALSEG_VERSION}"
 
 
-class FetchError(RuntimeError):
+class FetchError(DSMError, RuntimeError):
     pass
 
 

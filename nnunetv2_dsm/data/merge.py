@@ -36,10 +36,11 @@ from nnunetv2_dsm.data.raw_dataset import (
     write_array,
     write_json_atomic,
 )
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.vocabulary import CANONICAL, TUMOUR_PARENTS, check_canonical, is_tumour
 
 
-class MergeError(ValueError):
+class MergeError(DSMError, ValueError):
     pass
 
 

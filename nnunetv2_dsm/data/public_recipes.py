@@ -44,12 +44,13 @@ from nnunetv2_dsm.data.raw_dataset import (
     write_json_atomic,
 )
 from nnunetv2_dsm.data.totalseg_names import TOTALSEG_TO_CANONICAL
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.vocabulary import TUMOUR_PARENTS, is_tumour
 
 BODY_HU = -500.0
 
 
-class RecipeError(ValueError):
+class RecipeError(DSMError, ValueError):
     pass
 
 

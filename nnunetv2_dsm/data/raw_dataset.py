@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, orientation_code, reorient
 from nnunetv2_dsm.vocabulary import ORGANS, TUMOUR_PARENTS, TUMOURS, check_canonical
@@ -108,7 +109,7 @@ def write_json_atomic(path: Path, obj: object) -> None:
         raise
 
 
-class OutputOverlapsInputError(ValueError):
+class OutputOverlapsInputError(DSMError, ValueError):
     """An output folder equal to, inside, or a parent of an input."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation import atomic_io
 from nnunetv2_dsm.evaluation.metrics import (
     ROI_NOT_ANNOTATED,
@@ -49,7 +50,7 @@ _ORIGIN_ATOL = 1e-3
 _DIRECTION_ATOL = 1e-4
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DSMError, ValueError):
     """Bad evaluation input; the message names the file and the fix."""
 
 

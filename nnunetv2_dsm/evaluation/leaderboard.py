@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation import atomic_io
 from nnunetv2_dsm.evaluation.evaluate import METRICS_JSON
 
@@ -41,7 +42,7 @@ _ROC_KINDS = {
 _KIND_ORDER = ("DSC", *_ROC_KINDS.values())
 
 
-class LeaderboardError(ValueError):
+class LeaderboardError(DSMError, ValueError):
     """No usable results, or inconsistent ones; the message names the folders."""
 
 

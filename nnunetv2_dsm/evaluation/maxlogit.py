@@ -23,13 +23,14 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunetv2_dsm.dataset_checks import class_prompt_names
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation.atomic_io import atomic_path
 from nnunetv2_dsm.vocabulary import is_tumour
 
 ANOMALY_SUFFIX = "_anomaly"
 
 
-class MaxLogitError(ValueError):
+class MaxLogitError(DSMError, ValueError):
     pass
 
 

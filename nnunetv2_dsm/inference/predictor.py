@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from nnunetv2_dsm.checks.inputs import check_prediction_inputs
 from nnunetv2_dsm.dataset_checks import class_prompt_names
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, reorient_files, restore_geometry
 from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
 from nnunetv2_dsm.networks.amvp import minmax_per_case
@@ -52,7 +53,7 @@ ANOMALY = "anomaly"
 SCORES_DIR = "scores"
 
 
-class DSMPredictionError(ValueError):
+class DSMPredictionError(DSMError, ValueError):
     pass
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.text.base import TextEncoder
 from nnunetv2_dsm.text.offline import hub_offline
 
@@ -15,7 +16,7 @@ WEIGHTS_ENV = "DSM_CLIP_WEIGHTS"
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(DSMError, FileNotFoundError):
     """No local CLIP weights; the message says how to supply them."""
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.text.base import TextEncoder, l2_normalise, validate_texts
 
 _SUFFIXES = (".pt", ".npz")
 
 
-class MissingPromptError(LookupError):
+class MissingPromptError(DSMError, LookupError):
     """A prompt that the embeddings file does not contain."""
 
 

@@ -2,12 +2,13 @@
 
 import torch
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.text.base import TextEncoder
 from nnunetv2_dsm.text.factory import spec_hint
 from nnunetv2_dsm.vocabulary import prompt_for
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(DSMError, ValueError):
     """A model trained with one text encoder was given another."""
 
 

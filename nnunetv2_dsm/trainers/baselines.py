@@ -14,11 +14,12 @@ CPU schedule, so ablations and the full model train for the same number of itera
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.trainers.dsm_trainer import seed_from_environment
 from nnunetv2_dsm.trainers.variants import DSMTrainer_2epochs_NoMirroring, DSMTrainer_noKMMM, DSMTrainer_noSSM
 
 
-class BaselinePlansError(RuntimeError):
+class BaselinePlansError(DSMError, RuntimeError):
     pass
 
 

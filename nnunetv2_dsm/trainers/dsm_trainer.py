@@ -17,6 +17,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch._dynamo import OptimizedModule
 
+from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation.partial_summary import mask_unannotated
 from nnunetv2_dsm.losses import (
     ClassPresenceBCE,
@@ -30,11 +31,11 @@ from nnunetv2_dsm.planners.dsm_planner import DSM_NETWORK
 from nnunetv2_dsm.trainers.optim import DSMOptimizer, PolyLRPerGroup
 
 
-class DSMPlansError(RuntimeError):
+class DSMPlansError(DSMError, RuntimeError):
     pass
 
 
-class DSMNonFiniteError(FloatingPointError):
+class DSMNonFiniteError(DSMError, FloatingPointError):
     """The training loss or gradient became NaN or infinite."""
 
 
