@@ -122,9 +122,15 @@ def test_deep_supervision_stages_prepend_the_semantic_output() -> None:
 def test_prompt_checks() -> None:
     assert prompt_slug("Pancreas Tumor") == "pancreas_tumor"
     assert check_prompts(["liver tumor", "lung-tumor"]) == ["liver_tumor", "lung_tumor"]
-    for bad in (["  "], [], "liver", ["liver", "Liver"], ["anomaly"]):
+    for bad in (["  "], [], "liver", ["liver", "Liver"], ["anomaly"], ["--"]):
         with pytest.raises(DSMPredictionError):
             check_prompts(bad)
+    # letters of every script are prompts; file names stay short and distinct for long prompts
+    assert check_prompts(["肝臓腫瘍", "Tumeur du foie"]) == ["肝臓腫瘍", "tumeur_du_foie"]
+    long_a, long_b = "liver " * 500 + "tumor", "liver " * 500 + "cyst"
+    slug_a, slug_b = check_prompts([long_a, long_b])
+    assert len(slug_a) <= 64 and len(slug_b) <= 64 and slug_a != slug_b
+    assert len(f"case_{slug_a}.nii.gz".encode()) < 255
 
 
 # --- stock nnU-Net pipeline --------------------------------------------------------------------------

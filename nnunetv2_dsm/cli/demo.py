@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--work-dir", default="dsm_demo", help="folder for nnUNet_raw/preprocessed/results and the report")
     parser.add_argument("--trainer", default="DSMTrainer_Demo", help="nnU-Net trainer class to train")
-    parser.add_argument("--fold", default="0",
+    parser.add_argument("--fold", default="0", choices=["0", "1"],
                         help="patient-level fold: 0 trains on patient A and tests on B, 1 the reverse")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.set_defaults(func=run)

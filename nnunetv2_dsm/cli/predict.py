@@ -41,13 +41,19 @@ def run(args: argparse.Namespace) -> int:
     from nnunetv2_dsm.inference.predictor import DSMPredictionError, DSMPredictor
     from nnunetv2_dsm.text import EncoderMismatchError, MissingPromptError
 
+    if args.output.exists() and not args.output.is_dir():
+        raise DSMPredictionError(f"-o {args.output} is an existing file, not a folder; give a folder for the outputs")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DSMPredictionError("--device cuda (the default) but torch sees no CUDA GPU on this machine; "
+                                 "predict with --device cpu")
     folds = None if args.folds is None else [f if f == "all" else int(f) for f in args.folds]
     try:
         predictor = DSMPredictor(args.prompts, text_encoder=args.text_encoder, tile_step_size=args.step_size,
-                                 use_mirroring=not args.disable_tta, device=torch.device(args.device))
+                                 use_mirroring=not args.disable_tta, device=device)
         predictor.initialize_from_trained_model_folder(str(args.model), folds, args.checkpoint)
         cases = predictor.predict_folder(args.input, args.output)
     except (DSMPredictionError, EncoderMismatchError, MissingPromptError, InputError) as e:
-        raise SystemExit(f"predict: {e}") from e
+        raise DSMPredictionError(f"predict: {e}") from e
     print(f"predicted {len(cases)} case(s) for prompts {args.prompts} into {args.output}")
     return 0

@@ -20,6 +20,7 @@ label map. Models without text alignment (stage-1 ``DSMTrainer`` models, the ``_
 predict only their trained classes: their prompts must name trained classes.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -57,9 +58,20 @@ class DSMPredictionError(DSMError, ValueError):
     pass
 
 
+SLUG_LENGTH = 64
+
+
 def prompt_slug(prompt: str) -> str:
-    """File-name form of a prompt: lower case, runs of other characters -> '_' ("Pancreas Tumor" -> pancreas_tumor)."""
-    return re.sub(r"[^a-z0-9]+", "_", prompt.strip().lower()).strip("_")
+    """File-name form of a prompt: lower case, runs of non-letters -> '_' ("Pancreas Tumor" -> pancreas_tumor).
+
+    Letters of every script are kept ("肝臓腫瘍"); a slug longer than ``SLUG_LENGTH`` characters is cut and
+    ends in a hash of the whole prompt, so file names stay short and distinct.
+    """
+    slug = re.sub(r"[\W_]+", "_", prompt.strip().lower()).strip("_")
+    if len(slug) > SLUG_LENGTH:
+        digest = hashlib.sha1(prompt.strip().lower().encode()).hexdigest()[:8]
+        slug = f"{slug[: SLUG_LENGTH - 9].rstrip('_')}_{digest}"
+    return slug
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
