@@ -106,3 +106,41 @@ def test_cuda_without_mamba_chooses_triton(fresh_choice):
     fresh_choice.delenv(SCAN_BACKEND_VARIABLE, raising=False)
     fresh_choice.setattr(ssm, "_fused_selective_scan", lambda: None)
     assert scan_backend("cuda") == "triton"
+
+
+COMPILE_FOR_GPUS = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nnunetv2_dsm.networks import triton_scan
+
+for capability in (80, 90):  # A100, H100/H200
+    for fn in (triton_scan._scan_fwd_kernel, triton_scan._scan_bwd_kernel):
+        constexprs = {"BLOCK_N": 16, "CHUNK_T": triton_scan.CHUNK}
+        signature = {name: "constexpr" if name in constexprs else "*fp32" if name.endswith("_ptr") else "i32"
+                     for name in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", capability, 32))
+        assert "cubin" in kernel.asm, (fn.__name__, capability)
+        print(fn.__name__, capability, "ok")
+"""
+
+
+def test_triton_kernels_compile_for_cuda_gpus():
+    """The kernels the interpreter checks here also compile to GPU code (PTX and cubin via the ptxas that
+    ships with Triton) for the A100 and H100/H200 architectures; no GPU is needed to compile."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton build has no CUDA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPUS], env=env, capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok") == 4
