@@ -30,3 +30,15 @@ def test_demo_rejects_a_fold_it_does_not_have_before_training(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "invalid choice: '7'" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom nnunetv2_dsm.cli.main import build_parser\n"
+            "try:\n    build_parser().parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("False"), "nnunetv2_dsm --help imported torch"

