@@ -295,3 +295,45 @@ def test_score_maps_in_separate_folder(toy):
     _write(arrays["case_a"][1], scores / "case_a.nii.gz")
     with pytest.raises(EvaluationError, match="scores/case_a.nii.gz is named like a label map"):
         evaluate_folder(preds, refs, dj, roi="image", scores=scores, progress=False)
+
+
+def test_bad_label_maps_and_scores_are_errors_not_scores(toy):
+    """Undeclared label values, fractional label values, truncated files and NaN scores stop evaluation."""
+    root, refs, preds, dj, arrays = toy
+    ref_a, pred_a = arrays["case_a"]
+
+    bad_pred = pred_a.copy()
+    bad_pred[0, 0, 0] = 99
+    _write(bad_pred, preds / "case_a.nii.gz")
+    with pytest.raises(EvaluationError, match=r"predicted label map .*pred/case_a.nii.gz.*\[99\]"):
+        evaluate_folder(preds, refs, dj, roi="image", progress=False)
+    _write(pred_a, preds / "case_a.nii.gz")
+
+    bad_ref = ref_a.copy()
+    bad_ref[0, 0, 0] = 42
+    _write(bad_ref, refs / "case_a.nii.gz")
+    with pytest.raises(EvaluationError, match=r"reference label map .*labelsTr/case_a.nii.gz.*\[42\]"):
+        evaluate_folder(preds, refs, dj, roi="image", progress=False)
+    _write(ref_a, refs / "case_a.nii.gz")
+
+    fractional = pred_a.astype(np.float32)
+    fractional[0, 0, 0] = 0.5
+    _write(fractional, preds / "case_a.nii.gz")
+    with pytest.raises(EvaluationError, match=r"\[0.5\]"):
+        evaluate_folder(preds, refs, dj, roi="image", progress=False)
+    _write(pred_a.astype(np.float32), preds / "case_a.nii.gz")  # integral floats are fine
+    evaluate_folder(preds, refs, dj, roi="image", progress=False)
+    _write(pred_a, preds / "case_a.nii.gz")
+
+    whole = (preds / "case_a.nii.gz").read_bytes()
+    (preds / "case_a.nii.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(EvaluationError, match="truncated"):
+        evaluate_folder(preds, refs, dj, roi="image", progress=False)
+    _write(pred_a, preds / "case_a.nii.gz")
+
+    scores = root / "scores"
+    score = np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    score[1, 1, 1] = np.nan
+    _write(score, scores / "case_a_liver_tumor.nii.gz")
+    with pytest.raises(EvaluationError, match=r"score map .*case_a_liver_tumor.nii.gz.*1 NaN"):
+        evaluate_folder(preds, refs, dj, roi="image", scores=scores, chill=True, progress=False)

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunetv2_dsm.checks.inputs import InputError, check_intensities, check_label_values, read_image_checked
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation import atomic_io
 from nnunetv2_dsm.evaluation.metrics import (
@@ -108,12 +109,31 @@ def load_dataset_labels(dataset_json: Mapping[str, Any], source: str = "dataset.
 
 
 def _read_image(path: Path, what: str) -> sitk.Image:
+    """Read with the input checks' reader, which also finds truncated and empty files."""
     if not path.is_file():
         raise EvaluationError(f"{what} {path} not found")
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise EvaluationError(f"{what} {path} could not be read by SimpleITK: {err}") from err
+        return read_image_checked(path)
+    except InputError as err:
+        raise EvaluationError(f"{what} {err}") from err
+
+
+def _check_labels(image: sitk.Image, path: Path, labels: "DatasetLabels", what: str) -> None:
+    """Label maps hold only declared ids (background, the classes' ids, the ignore label), as integers."""
+    allowed = {0, *(i for ids in labels.classes.values() for i in ids)}
+    if labels.ignore_label is not None:
+        allowed.add(labels.ignore_label)
+    try:
+        check_label_values(image, path, allowed, "dataset.json")
+    except InputError as err:
+        raise EvaluationError(f"{what} {err}") from err
+
+
+def _check_scores(image: sitk.Image, path: Path) -> None:
+    try:
+        check_intensities(image, path)
+    except InputError as err:
+        raise EvaluationError(f"score map {err}") from err
 
 
 def _check_geometry(image: sitk.Image, path: Path, reference: sitk.Image, ref_path: Path) -> None:
@@ -316,6 +336,8 @@ def evaluate_case(
     ref_image = _read_image(ref_path, "reference label map")
     pred_image = _read_image(files.label_map, "predicted label map")
     _check_geometry(pred_image, files.label_map, ref_image, ref_path)
+    _check_labels(ref_image, ref_path, labels, "reference label map")
+    _check_labels(pred_image, files.label_map, labels, "predicted label map")
     ctx = _Case(case, ref_path, ref_image, sitk.GetArrayFromImage(ref_image), labels, image_path)
     pred = sitk.GetArrayFromImage(pred_image)
     ignore = ctx.ignore
@@ -336,9 +358,12 @@ def evaluate_case(
     for name, path in files.score_maps.items():
         score_image = _read_image(path, "score map")
         _check_geometry(score_image, path, ref_image, ref_path)
+        _check_scores(score_image, path)
         scores[name] = (sitk.GetArrayFromImage(score_image).astype(np.float32, copy=False), path.name)
     if files.npz is not None and npz_channels is not None:
         probabilities = np.load(files.npz)["probabilities"]
+        if not np.isfinite(probabilities).all():
+            raise EvaluationError(f"{files.npz}: 'probabilities' holds NaN or infinite values; predict the case again")
         channels = npz_channels()
         if probabilities.shape[1:] != ctx.ref.shape or probabilities.shape[0] <= max(channels.values()):
             raise EvaluationError(
