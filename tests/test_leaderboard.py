@@ -315,3 +315,20 @@ def test_cli_subcommand(results, tmp_path, capsys, monkeypatch):
     args = parser.parse_args(["leaderboard", str(tmp_path / "missing")])
     assert args.func(args) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_fold_without_results_is_reported_not_silently_skipped(results, tmp_path, capsys):
+    trainer_dir = next(p for p in (results / "Dataset001_Toy").iterdir() if p.is_dir() and "__" in p.name)
+    unfinished = trainer_dir / "fold_3"
+    (unfinished / "validation").mkdir(parents=True)
+    try:
+        parser = argparse.ArgumentParser()
+        cli_leaderboard.register(parser.add_subparsers())
+        args = parser.parse_args(["leaderboard", str(results), "-o", str(tmp_path / "lb")])
+        assert args.func(args) == 0
+        err = capsys.readouterr().err
+        assert f"warning: {unfinished} has no validation/summary.json" in err
+        markdown = (tmp_path / "lb" / "leaderboard.md").read_text()
+        assert "Not counted: 1 fold folder(s)" in markdown and str(unfinished) in markdown
+    finally:
+        shutil.rmtree(unfinished)

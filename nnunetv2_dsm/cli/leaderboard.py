@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     except LeaderboardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for folder in board.skipped:
+        print(f"warning: {folder} has no validation/summary.json or metrics.json (unfinished or failed run); "
+              "not counted", file=sys.stderr)
     for dataset, (_, entries) in board.datasets.items():
         print(f"{dataset}: {len(entries)} entries")
     print("written: " + ", ".join(str(p) for p in paths.values()))

@@ -120,6 +120,8 @@ class Leaderboard:
     """dataset -> (ordered metric columns, entries)."""
 
     datasets: dict[str, tuple[list[Column], list[Entry]]]
+    # fold folders found without summary.json or metrics.json (unfinished or failed runs), not counted
+    skipped: list[Path] = field(default_factory=list)
 
 
 def _label_names(dataset_json: Path) -> dict[Any, str]:
@@ -216,8 +218,11 @@ def _dataset_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _DATASET_RE.match(p.name))
 
 
-def collect_results(roots: Iterable[str | os.PathLike]) -> list[FoldResult]:
-    """Every fold with results under the given nnU-Net results roots (or dataset folders)."""
+def collect_results(roots: Iterable[str | os.PathLike], skipped: list[Path] | None = None) -> list[FoldResult]:
+    """Every fold with results under the given nnU-Net results roots (or dataset folders).
+
+    Fold folders without results are appended to ``skipped`` (when given), so they can be reported.
+    """
     folds: list[FoldResult] = []
     seen: dict[tuple[str, ...], Path] = {}
     roots = [Path(r) for r in roots]
@@ -237,6 +242,8 @@ def collect_results(roots: Iterable[str | os.PathLike]) -> list[FoldResult]:
                         fold_dir, dataset_dir.name, **match.groupdict(), fold=fold_match["fold"]
                     )
                     if result is None:
+                        if skipped is not None:
+                            skipped.append(fold_dir)
                         continue
                     key = (*result.entry, result.fold)
                     if key in seen:
@@ -406,8 +413,15 @@ def _html_table(table: _Table) -> list[str]:
     return parts
 
 
+def _skipped_note(board: Leaderboard) -> list[str]:
+    if not board.skipped:
+        return []
+    return ["", f"Not counted: {len(board.skipped)} fold folder(s) without summary.json or {METRICS_JSON} "
+                f"(unfinished or failed runs): " + ", ".join(f"`{p}`" for p in board.skipped)]
+
+
 def to_markdown(board: Leaderboard) -> str:
-    lines = ["# Leaderboard", "", _NOTE]
+    lines = ["# Leaderboard", "", _NOTE, *_skipped_note(board)]
     for dataset, (columns, entries) in board.datasets.items():
         lines += ["", f"## {dataset}"]
         summary, per_class = _tables(columns, entries)
@@ -527,5 +541,7 @@ def make_leaderboard(
     roots: Iterable[str | os.PathLike], output_dir: str | os.PathLike
 ) -> tuple[Leaderboard, dict[str, Path]]:
     """Collect results under ``roots``, build the leaderboard and write it to ``output_dir``."""
-    board = build_leaderboard(collect_results(roots))
+    skipped: list[Path] = []
+    board = build_leaderboard(collect_results(roots, skipped))
+    board.skipped = skipped
     return board, write_leaderboard(board, output_dir)
