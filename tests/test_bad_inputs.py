@@ -29,6 +29,7 @@ from nnunetv2_dsm.checks.inputs import (
 )
 from nnunetv2_dsm.cli import check as check_cli
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset
+from nnunetv2_dsm.dataset_checks import DSMDatasetError
 
 FIX = "How to fix:"
 REEXPORT = "re-export or re-download"
@@ -503,3 +504,27 @@ def test_cli_resolves_ids(good_dataset: Path, monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(InputError) as err:
         resolve_raw_dataset(os.path.join("no", "such", "folder"))
     assert_input_error(err, "folder", "not an existing folder")
+
+
+def test_dsm_planner_stops_on_every_problem_before_planning(good_dataset: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnUNetv2_plan_and_preprocess -pl DSMPlanner... runs the checks of `nnunetv2_dsm check` first."""
+    from nnunetv2_dsm.planners import dsm_planner
+
+    raw = tmp_path / "raw"
+    bad, expected = make_bad_dataset(good_dataset, raw / "Dataset992_CheckBad")
+    preprocessed = tmp_path / "preprocessed"
+    monkeypatch.setattr(dsm_planner, "nnUNet_raw", str(raw))
+    monkeypatch.setattr(dsm_planner, "nnUNet_preprocessed", str(preprocessed))
+    monkeypatch.delenv(dsm_planner.SKIP_CHECKS_VARIABLE, raising=False)
+    with pytest.raises(InputErrors) as err:
+        dsm_planner.DSMPlannerCPU("Dataset992_CheckBad")
+    message = str(err.value)
+    assert f"{len(expected)} input problems found" in message
+    for key, text in expected.items():
+        assert key in message and text in message, (key, text)
+    assert not preprocessed.exists(), "nothing is planned or written"
+    # DSM_SKIP_CHECKS=1 skips the file checks (dataset.json's DSM vocabulary is still checked)
+    monkeypatch.setenv(dsm_planner.SKIP_CHECKS_VARIABLE, "1")
+    with pytest.raises(DSMDatasetError, match="weird_thing"):
+        dsm_planner.DSMPlannerCPU("Dataset992_CheckBad")

@@ -5,6 +5,7 @@ ResEnc backbone that DSM builds on) and only swap the network written into the p
 network with its decoder arguments, and the label manager for the sigmoid-region one.
 """
 
+import os
 from typing import Any
 
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
@@ -16,7 +17,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from nnunetv2_dsm.checks.inputs import mixed_orientation_error
+from nnunetv2_dsm.checks.inputs import InputErrors, check_raw_dataset, mixed_orientation_error
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, file_orientation
 from nnunetv2_dsm.planners.patient_splits import write_patient_splits
@@ -46,6 +47,7 @@ class DSMPlanner(nnUNetPlannerResEncM):
         # Checked before nnU-Net's own set-up so a dataset DSM cannot use fails with DSM's explanation.
         raw_folder = join(nnUNet_raw, maybe_convert_to_dataset_name(dataset_name_or_id))
         dataset_json_file = join(raw_folder, "dataset.json")
+        check_before_planning(raw_folder)
         check_dsm_dataset_json(load_json(dataset_json_file), dataset_json_file)
         self.training_orientation = training_orientation(raw_folder, load_json(dataset_json_file))
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
@@ -104,6 +106,25 @@ class DSMPlannerCPU(DSMPlanner):
         # Reference values scaled so the VRAM heuristic settles on patches of about 64^3 / 128^2.
         self.UNet_reference_val_3d = 12_000_000
         self.UNet_reference_val_2d = 1_500_000
+
+
+SKIP_CHECKS_VARIABLE = "DSM_SKIP_CHECKS"
+
+
+def check_before_planning(raw_folder: str) -> None:
+    """The checks of ``nnunetv2_dsm check`` on the raw dataset; every problem found stops planning.
+
+    nnU-Net reads NaN voxels as 0, half of a truncated file, undeclared or empty label maps without a
+    word; this runs before any plans or preprocessed data are written. ``DSM_SKIP_CHECKS=1`` skips it
+    (large datasets that were already checked).
+    """
+    if os.environ.get(SKIP_CHECKS_VARIABLE, "0").strip() == "1":
+        return
+    problems = check_raw_dataset(raw_folder, progress=True)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise InputErrors(problems)
 
 
 def training_orientation(raw_folder: str, dataset_json: dict) -> str | None:
