@@ -210,7 +210,9 @@ _PLAN_SCRIPT = textwrap.dedent("""
 def test_baseline_planner_keeps_dsm_cpu_sizes_with_stock_resenc(tmp_path: Path) -> None:
     raw = tmp_path / "raw" / "Dataset999_Baseline"
     _image(raw / "imagesTr" / "case_0000.nii.gz", np.zeros((4, 4, 4), np.float32))
-    _image(raw / "labelsTr" / "case.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[1:3, 1:3, 1:3] = 1  # a sound case: the DSM planner checks the raw dataset first
+    _image(raw / "labelsTr" / "case.nii.gz", label)
     (raw / "dataset.json").write_text(json.dumps(_dataset_json(REGION_LABELS)))
     pre = tmp_path / "preprocessed" / "Dataset999_Baseline"
     pre.mkdir(parents=True)
