@@ -159,7 +159,7 @@ def test_prefix_and_case_collisions(sources: list[MergeSource], tmp_path: Path):
 
 def test_undeclared_voxel_value_fails_without_partial_output(sources: list[MergeSource], tmp_path: Path):
     write_nii(sources[2].path / "labelsTr" / "msd09_spleen_001.nii.gz", blocks([1, 9]))
-    with pytest.raises(ValueError, match=r"msd09_spleen_001\.nii\.gz: voxel values \[9\]"):
+    with pytest.raises(ValueError, match=r"msd09_spleen_001\.nii\.gz: has voxel values \[9\]"):
         merge_datasets(sources, tmp_path / "out")
     assert _no_output(tmp_path, "out")
 
@@ -201,3 +201,26 @@ def test_cli_refuses_output_equal_to_a_source(sources: list[MergeSource], capsys
     assert main(args) == 2
     assert "is the input" in capsys.readouterr().err
     assert (sources[1].path / "dataset.json").is_file()
+
+
+def test_bad_source_files_are_refused_before_anything_is_written(sources: list[MergeSource], tmp_path: Path):
+    """Truncated images, NaN voxels and labels off the image grid are not copied into the merged dataset."""
+    from nnunetv2_dsm.checks.inputs import InputErrors
+
+    liver, organs, spleen = (s.path for s in sources)
+    whole = (liver / "imagesTr" / "liver_001_0000.nii.gz").read_bytes()
+    (liver / "imagesTr" / "liver_001_0000.nii.gz").write_bytes(whole[: len(whole) // 2])
+    nan_image = np.full(SHAPE, 30.0, dtype=np.float32)
+    nan_image[1, 1, 1] = np.nan
+    write_nii(organs / "imagesTr" / "abc_001_0000.nii.gz", nan_image)
+    shifted = sitk.ReadImage(str(spleen / "labelsTr" / "msd09_spleen_001.nii.gz"))
+    shifted.SetOrigin((8.0, -4.0, 12.5))  # 5 mm off the image
+    sitk.WriteImage(shifted, str(spleen / "labelsTr" / "msd09_spleen_001.nii.gz"))
+    with pytest.raises(InputErrors) as err:
+        merge_datasets(sources, tmp_path / "out")
+    message = str(err.value)
+    assert "3 input problems" in message
+    assert "liver_001_0000.nii.gz: is truncated" in message
+    assert "abc_001_0000.nii.gz: has 1 NaN" in message
+    assert "msd09_spleen_001.nii.gz" in message and "origin" in message
+    assert _no_output(tmp_path, "out")

@@ -337,3 +337,20 @@ def test_output_equal_to_or_inside_the_source_is_refused(tmp_path: Path, inside:
     with pytest.raises(OutputOverlapsInputError, match="overwrite or remove the input"):
         convert("lits", src, src / "out" if inside else src, overwrite=True)
     assert sorted(str(p) for p in src.rglob("*")) == before
+
+
+def test_truncated_and_nan_sources_are_refused_before_anything_is_written(tmp_path: Path):
+    from nnunetv2_dsm.checks.inputs import InputErrors
+
+    src, _ = _lits(tmp_path / "src")
+    volumes = sorted(src.rglob("volume-*.nii"))
+    nan_ct = ct().astype(np.float32)
+    nan_ct[2, 2, 2] = np.nan
+    write_nii(volumes[0], nan_ct)
+    whole = volumes[1].read_bytes()
+    volumes[1].write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputErrors) as err:
+        convert("lits", src, tmp_path / "out")
+    message = str(err.value)
+    assert f"{volumes[0].name}: has 1 NaN" in message and f"{volumes[1].name}: is truncated" in message
+    assert not (tmp_path / "out").exists()

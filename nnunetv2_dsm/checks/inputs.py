@@ -570,6 +570,31 @@ def _check_case_images(files: Sequence[str], n_channels: int, json_path: Path, c
     return first, problems
 
 
+def check_source_cases(cases: Iterable[tuple[PathLike, Sequence[PathLike]]], progress: bool = True,
+                       what: str = "source cases") -> None:
+    """Cases a converter is about to copy, as (image, label files) pairs: each file readable and complete,
+    the image finite, every label on the image's grid. All problems are raised together (``InputErrors``),
+    before anything is written; label values are checked where they are mapped to the new ids."""
+    problems: list[InputError] = []
+    for image_path, label_paths in tqdm(list(cases), desc=f"Checking {what}", unit="case", disable=not progress):
+        try:
+            image = read_image_checked(image_path)
+            check_scalar_image(image, image_path)
+            check_intensities(image, image_path)
+        except InputError as e:
+            problems.append(e)
+            continue
+        for label_path in label_paths:
+            try:
+                check_same_geometry(image, image_path, read_image_checked(label_path), label_path)
+            except InputError as e:
+                problems.append(e)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise InputErrors(problems)
+
+
 def _check_label(label_path: Path, image: sitk.Image | None, image_path: str, allowed: list[int],
                  json_path: Path) -> list[InputError]:
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nnunetv2_dsm.checks.inputs import check_source_cases
 from nnunetv2_dsm.data.raw_dataset import (
     FILE_ENDING,
     assign_ids,
@@ -299,6 +300,8 @@ def merge_datasets(
     if ignore_id is not None:
         dj["labels"]["ignore"] = ignore_id
 
+    # Truncated or NaN images and labels off the image grid would be copied silently; stop before writing.
+    check_source_cases([(c.images[0], [c.label]) for _, c in all_cases], what="merge sources")
     with staged_dataset(out_dir, overwrite=overwrite, inputs=[p.path for p in plans]) as stage:
         for lut, c in tqdm(all_cases, desc="merge", unit="case"):
             copy_image(c.images[0], stage / "imagesTr" / f"{c.out_id}_0000{FILE_ENDING}")

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from nnunetv2_dsm.checks.inputs import check_source_cases
 from nnunetv2_dsm.data.raw_dataset import (
     Geometry,
     assign_ids,
@@ -382,6 +383,9 @@ def convert(name: str, src: Path, out: Path, overwrite: bool = False, limit: int
     ids = assign_ids(set().union(*per_structure) if per_structure else recipe.classes(), f"recipe {name}")
     availability: dict[str, list[str]] = {}
     out = Path(out)
+    # Truncated or NaN images and labels off the image grid would be converted silently; stop before writing.
+    check_source_cases([(c.image, [c.label] if c.structures is None else [f for fs in c.structures.values() for f in fs])
+                        for c in cases], what=f"{name} cases")
     with staged_dataset(out, overwrite=overwrite, inputs=[src]) as stage:
         for case in tqdm(cases, desc=f"recipe {name}", unit="case"):
             geometry = Geometry.of_file(case.image)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_dsm.checks.inputs import InputError
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, orientation_code, reorient
@@ -107,6 +108,10 @@ def write_json_atomic(path: Path, obj: object) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class UndeclaredLabelError(InputError):
+    """A source label map holds values its dataset does not declare."""
 
 
 class OutputOverlapsInputError(DSMError, ValueError):
@@ -252,10 +257,12 @@ def label_dtype(max_id: int) -> type:
 def remap_labels(array: np.ndarray, lut: np.ndarray, where: str) -> np.ndarray:
     """Apply the lookup table ``lut`` (source value -> output id, -1: undeclared) to a label map;
     undeclared values are an error naming ``where``."""
-    bad = [int(v) for v in np.unique(array) if v < 0 or v >= len(lut) or lut[int(v)] < 0]
+    bad = [v.item() for v in np.unique(array)
+           if not float(v).is_integer() or v < 0 or v >= len(lut) or lut[int(v)] < 0]
     if bad:
         declared = [i for i in range(len(lut)) if lut[i] >= 0]
-        raise ValueError(f"{where}: voxel values {bad} are not declared labels (declared: {declared})")
+        raise UndeclaredLabelError(where, f"has voxel values {bad} that are not declared labels (declared: {declared}).",
+                                   "relabel the file, or declare the values in the source's dataset.json or rename table")
     return lut[array.astype(np.int64)].astype(label_dtype(int(lut.max())))
 
 
