@@ -268,6 +268,35 @@ def test_prompt_prediction_writes_maps_in_input_geometry(env: dict, stage2: Path
     assert not list(out.rglob("*.tmp-*"))
     assert sorted(p.name for p in inputs.iterdir()) == [f"{TEST_CASE}_0000.nii.gz"], "inputs untouched"
 
+    # A second run into the same folder with other prompts leaves no map prompts.json does not list.
+    args = _cli().parse_args(["predict", "-i", str(inputs), "-o", str(out), "-m", str(stage2), "-f", "0",
+                              "--prompts", "liver tumor", "--device", "cpu", "--disable-tta"])
+    assert args.func(args) == 0
+    assert sorted(p.name for p in (out / "scores").iterdir()) == [f"{TEST_CASE}_anomaly.nii.gz",
+                                                                  f"{TEST_CASE}_liver_tumor.nii.gz"]
+    assert json.loads((out / "prompts.json").read_text())["labels"] == {"background": 0, "liver_tumor": 1}
+
+
+def test_short_write_is_an_error_and_leaves_nothing(env: dict, stage2: Path, inputs: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """A full disk can make SimpleITK return from a short write without error: the prediction stops and
+    names the file instead of reporting success over empty files."""
+    from nnunetv2_dsm.inference import predictor as predictor_module
+
+    real_write = predictor_module._write_image
+
+    def short_write(image, path):
+        real_write(image, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])
+
+    monkeypatch.setattr(predictor_module, "_write_image", short_write)
+    out = tmp_path / "full"
+    args = _cli().parse_args(["predict", "-i", str(inputs), "-o", str(out), "-m", str(stage2), "-f", "0",
+                              "--prompts", "liver tumor", "--device", "cpu", "--disable-tta"])
+    with pytest.raises(DSMPredictionError, match=r"could not write .*anomaly.nii.gz.*free disk space"):
+        args.func(args)
+    assert not list(out.rglob("*.nii.gz")), "no half-written or finished-looking outputs"
+
 
 def _cli() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()

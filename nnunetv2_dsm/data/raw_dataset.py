@@ -34,6 +34,7 @@ from nnunetv2_dsm.checks.inputs import InputError
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, orientation_code, reorient
+from nnunetv2_dsm.io.stale import remove_stale
 from nnunetv2_dsm.vocabulary import ORGANS, TUMOUR_PARENTS, TUMOURS, check_canonical
 
 FILE_ENDING = ".nii.gz"
@@ -144,13 +145,17 @@ def staged_dataset(final: Path, overwrite: bool = False, inputs: Iterable[Path] 
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; choose another output folder or pass overwrite.")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-"))
+    # Staging and old-copy folders of a killed earlier run writing the same output.
+    for stale in remove_stale(sorted(final.parent.glob(f".{final.name}.staging-*"))
+                              + sorted(final.parent.glob(f".{final.name}.old-*"))):
+        print(f"removed {stale}, left by an interrupted earlier run")
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-{os.getpid()}-"))
     try:
         for sub in ("imagesTr", "labelsTr"):
             (staging / sub).mkdir()
         yield staging
         if final.exists():
-            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-{os.getpid()}-"))
             os.replace(final, trash / final.name)
             os.replace(staging, final)
             shutil.rmtree(trash)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
-from nnunetv2_dsm.checks.inputs import check_prediction_inputs
+from nnunetv2_dsm.checks.inputs import InputError, check_prediction_inputs, read_image_checked
 from nnunetv2_dsm.dataset_checks import class_prompt_names
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, reorient_files, restore_geometry
@@ -155,11 +155,23 @@ class TrainedClassSelection(nn.Module):
         return torch.cat([out[:, self.channels], anomaly], dim=1)
 
 
+def _write_image(image: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(image, str(path), True)
+
+
 def _write_atomic(image: sitk.Image, path: Path) -> None:
     # The temporary name keeps the .nii.gz suffix: SimpleITK picks the format from it.
     tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp-{os.getpid()}.nii.gz")
     try:
-        sitk.WriteImage(image, str(tmp), True)
+        try:
+            _write_image(image, tmp)
+            # SimpleITK can return without error from a short write (a full disk): read the file back.
+            read_image_checked(tmp)
+        except (RuntimeError, OSError, InputError) as err:
+            raise DSMPredictionError(
+                f"could not write {path} ({err}); free disk space or choose another output folder "
+                "(nothing of this case was left half-written)"
+            ) from err
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -303,6 +315,7 @@ class DSMPredictor(nnUNetPredictor):
             )
         inputs = {Path(f).resolve() for files in cases for f in files}
         (output_folder / SCORES_DIR).mkdir(parents=True, exist_ok=True)
+        earlier = self._earlier_slugs(output_folder)
         self._write_prompts_json(output_folder)
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
         done = []
@@ -312,6 +325,10 @@ class DSMPredictor(nnUNetPredictor):
             clash = [t for t in targets if t.resolve() in inputs]
             if clash:
                 raise DSMPredictionError(f"output {clash[0]} is an input file; choose another output folder")
+            # Maps of prompts an earlier run into this folder asked for and this run does not: they would
+            # sit beside a prompts.json that no longer lists them.
+            for slug in earlier - set(self.slugs):
+                (output_folder / SCORES_DIR / f"{case}_{slug}.nii.gz").unlink(missing_ok=True)
             with tempfile.TemporaryDirectory(prefix="dsm_reoriented_") as tmp:
                 # Inputs in another orientation than the training images are reoriented (losslessly)
                 # and every output is mapped back onto the input's own grid.
@@ -325,6 +342,15 @@ class DSMPredictor(nnUNetPredictor):
             self._export(logits, properties, targets, grid)
             done.append(case)
         return done
+
+    @staticmethod
+    def _earlier_slugs(output_folder: Path) -> set[str]:
+        """Prompt slugs of the prompts.json an earlier run left in ``output_folder``."""
+        try:
+            info = json.loads((output_folder / "prompts.json").read_text())
+            return {p["slug"] for p in info["prompts"] if isinstance(p.get("slug"), str) and p["slug"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
 
     def _output_paths(self, output_folder: Path, case: str) -> list[Path]:
         scores = output_folder / SCORES_DIR
