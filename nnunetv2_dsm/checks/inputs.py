@@ -35,7 +35,7 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
-from nnunetv2_dsm.errors import DSMError
+from nnunetv2_dsm.errors import InputError, InputErrors
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import image_orientation, mixed_orientations
 
@@ -50,38 +50,6 @@ _CHANNEL_FILE = re.compile(r"(?P<case>.+)_(?P<channel>\d{4})\.[^_]+")
 # Names that look like images; other files in a prediction input folder are left alone, as nnU-Net does.
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".tif", ".tiff", ".bmp")
 _MAX_LISTED = 10
-
-
-class InputError(DSMError, ValueError):
-    """A bad input. ``str(err)`` is ``"<path(s)>: <problem> How to fix: <fix>."``."""
-
-    def __init__(self, paths: PathLike | Sequence[PathLike], problem: str, fix: str) -> None:
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        self.paths: tuple[str, ...] = tuple(str(p) for p in paths)
-        self.problem = problem
-        self.fix = fix.rstrip(".")
-        super().__init__(f"{', '.join(self.paths)}: {problem} How to fix: {self.fix}.")
-
-    def __reduce__(self) -> tuple:
-        # errors raised in nnU-Net's worker processes travel back pickled
-        return type(self), (self.paths, self.problem, self.fix)
-
-
-class InputErrors(InputError):
-    """Several input problems found together; ``errors`` holds each one."""
-
-    def __init__(self, errors: Sequence[InputError]) -> None:
-        self.errors = list(errors)
-        self.paths = tuple(dict.fromkeys(p for e in self.errors for p in e.paths))
-        self.problem = f"{len(self.errors)} input problems"
-        self.fix = "fix each problem listed"
-        ValueError.__init__(
-            self, f"{len(self.errors)} input problems found:\n" + "\n".join(f"- {e}" for e in self.errors)
-        )
-
-    def __reduce__(self) -> tuple:
-        return type(self), (self.errors,)
 
 
 def _listing(items: Sequence[Any]) -> str:

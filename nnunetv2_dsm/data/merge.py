@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunetv2_dsm.checks.inputs import check_source_cases
 from nnunetv2_dsm.data.raw_dataset import (
     FILE_ENDING,
     assign_ids,
@@ -301,6 +300,9 @@ def merge_datasets(
         dj["labels"]["ignore"] = ignore_id
 
     # Truncated or NaN images and labels off the image grid would be copied silently; stop before writing.
+    # (Imported here: the checks import nnU-Net and torch, which `nnunetv2_dsm --help` must not.)
+    from nnunetv2_dsm.checks.inputs import check_source_cases
+
     check_source_cases([(c.images[0], [c.label]) for _, c in all_cases], what="merge sources")
     with staged_dataset(out_dir, overwrite=overwrite, inputs=[p.path for p in plans]) as stage:
         for lut, c in tqdm(all_cases, desc="merge", unit="case"):

@@ -30,7 +30,6 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from nnunetv2_dsm.checks.inputs import check_source_cases
 from nnunetv2_dsm.data.raw_dataset import (
     Geometry,
     assign_ids,
@@ -384,6 +383,9 @@ def convert(name: str, src: Path, out: Path, overwrite: bool = False, limit: int
     availability: dict[str, list[str]] = {}
     out = Path(out)
     # Truncated or NaN images and labels off the image grid would be converted silently; stop before writing.
+    # (Imported here: the checks import nnU-Net and torch, which `nnunetv2_dsm --help` must not.)
+    from nnunetv2_dsm.checks.inputs import check_source_cases
+
     check_source_cases([(c.image, [c.label] if c.structures is None else [f for fs in c.structures.values() for f in fs])
                         for c in cases], what=f"{name} cases")
     with staged_dataset(out, overwrite=overwrite, inputs=[src]) as stage:

@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_dsm.checks.inputs import InputError
-from nnunetv2_dsm.errors import DSMError
+from nnunetv2_dsm.errors import DSMError, InputError
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, orientation_code, reorient
 from nnunetv2_dsm.io.stale import remove_stale
