@@ -11,10 +11,8 @@ scan backend learn, not how well they generalise. Writes ``benchmarks/results/ov
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +21,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _learning_case import ORGANS, build_network, dice, load_case, train  # noqa: E402
+from _results import write_json  # noqa: E402
 
 from nnunetv2_dsm.data.fetch import example_ct_dir  # noqa: E402
 from nnunetv2_dsm.networks.ssm import scan_backend  # noqa: E402
@@ -71,11 +71,7 @@ def main() -> int:
         "seconds": round(seconds, 1),
         "torch": torch.__version__,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
+    write_json(out, result)
     print(json.dumps(result, indent=1))
     return 1 if non_finite else 0
 

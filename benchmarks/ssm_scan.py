@@ -14,11 +14,9 @@ size: batch 2, d_inner 64, d_state 16, A = -(1..16) (S4D-real), delta_bias from 
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _mamba_reference import load_selective_scan_ref  # noqa: E402
+from _results import write_json  # noqa: E402
 
 from nnunetv2_dsm.networks.cpu_kernels import load_kernels  # noqa: E402
 from nnunetv2_dsm.networks.ssm import _fused_selective_scan, selective_scan  # noqa: E402
@@ -138,11 +137,7 @@ def main() -> int:
         "fused_kernel": fused is not None,
         "entries": entries,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out_path)
+    write_json(out_path, result)
     print(f"wrote {out_path}")
     return 0
 

@@ -34,6 +34,14 @@ class InputError(DSMError, ValueError):
         return type(self), (self.paths, self.problem, self.fix)
 
 
+def raise_input_errors(problems: Sequence[InputError]) -> None:
+    """Raise the problems found: the one error itself, or all of them as ``InputErrors``; nothing if none."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise InputErrors(problems)
+
+
 class InputErrors(InputError):
     """Several input problems found together; ``errors`` holds each one."""
 

@@ -35,7 +35,7 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 from tqdm import tqdm
 
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
-from nnunetv2_dsm.errors import InputError, InputErrors
+from nnunetv2_dsm.errors import InputError, InputErrors, raise_input_errors
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import image_orientation, mixed_orientations
 
@@ -557,10 +557,7 @@ def check_source_cases(cases: Iterable[tuple[PathLike, Sequence[PathLike]]], pro
                 check_same_geometry(image, image_path, read_image_checked(label_path), label_path)
             except InputError as e:
                 problems.append(e)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        raise InputErrors(problems)
+    raise_input_errors(problems)
 
 
 def _check_label(label_path: Path, image: sitk.Image | None, image_path: str, allowed: list[int],
@@ -728,10 +725,7 @@ def check_prediction_inputs(input_folder: PathLike, dataset_json: dict | PathLik
             check_output_writable(output_folder, [f for files in cases.values() for f in files])
         except InputError as e:
             problems.append(e)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        raise InputErrors(problems)
+    raise_input_errors(problems)
     return list(cases.values())
 
 

@@ -50,19 +50,25 @@ if triton is not None:
         return a1 * a2, a2 * x1 + x2
 
     @triton.jit
+    def _program_row(pid, a_ptr, dim, length, d_state, heads, BLOCK_N: tl.constexpr):
+        """The (batch, channel) row a program scans: its channel, state indices and mask, A row, and the
+        int64 offsets of its u/delta/y row and of its group's B/C rows."""
+        batch = pid // dim
+        channel = pid % dim
+        n = tl.arange(0, BLOCK_N)
+        n_ok = n < d_state
+        A = tl.load(a_ptr + channel * d_state + n, mask=n_ok, other=0.0)
+        row = pid.to(tl.int64) * length
+        bc_row = (batch * (dim // heads) + channel // heads).to(tl.int64) * d_state * length
+        return channel, n, n_ok, A, row, bc_row
+
+    @triton.jit
     def _scan_fwd_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, states_ptr,
                          dim, length, d_state, n_chunks, heads,
                          BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr):
         pid = tl.program_id(0)  # batch * dim + channel
-        batch = pid // dim
-        channel = pid % dim
-        groups = dim // heads
-        n = tl.arange(0, BLOCK_N)
-        n_ok = n < d_state
+        channel, n, n_ok, A, row, bc_row = _program_row(pid, a_ptr, dim, length, d_state, heads, BLOCK_N)
         steps = tl.arange(0, CHUNK_T)
-        A = tl.load(a_ptr + channel * d_state + n, mask=n_ok, other=0.0)
-        row = pid.to(tl.int64) * length
-        bc_row = (batch * groups + channel // heads).to(tl.int64) * d_state * length
         h = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k in range(n_chunks):
             t = k * CHUNK_T + steps
@@ -87,16 +93,9 @@ if triton is not None:
                          du_ptr, ddt_ptr, da_ptr, db_ptr, dc_ptr,
                          dim, length, d_state, n_chunks, heads,
                          BLOCK_N: tl.constexpr, CHUNK_T: tl.constexpr):
-        pid = tl.program_id(0)
-        batch = pid // dim
-        channel = pid % dim
-        groups = dim // heads
-        n = tl.arange(0, BLOCK_N)
-        n_ok = n < d_state
+        pid = tl.program_id(0)  # batch * dim + channel
+        channel, n, n_ok, A, row, bc_row = _program_row(pid, a_ptr, dim, length, d_state, heads, BLOCK_N)
         steps = tl.arange(0, CHUNK_T)
-        A = tl.load(a_ptr + channel * d_state + n, mask=n_ok, other=0.0)
-        row = pid.to(tl.int64) * length
-        bc_row = (batch * groups + channel // heads).to(tl.int64) * d_state * length
         g_next = tl.zeros([BLOCK_N], dtype=tl.float32)  # g at the first step of the chunk after this one
         dA = tl.zeros([BLOCK_N], dtype=tl.float32)
         for kk in range(n_chunks):

@@ -17,8 +17,9 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-from nnunetv2_dsm.checks.inputs import InputErrors, check_raw_dataset, mixed_orientation_error
+from nnunetv2_dsm.checks.inputs import check_raw_dataset, mixed_orientation_error
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
+from nnunetv2_dsm.errors import raise_input_errors
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, file_orientation
 from nnunetv2_dsm.planners.patient_splits import write_patient_splits
 
@@ -120,11 +121,7 @@ def check_before_planning(raw_folder: str) -> None:
     """
     if os.environ.get(SKIP_CHECKS_VARIABLE, "0").strip() == "1":
         return
-    problems = check_raw_dataset(raw_folder, progress=True)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        raise InputErrors(problems)
+    raise_input_errors(check_raw_dataset(raw_folder, progress=True))
 
 
 def training_orientation(raw_folder: str, dataset_json: dict) -> str | None:
