@@ -1,14 +1,9 @@
-"""Writing benchmark results: one JSON file, complete or not at all."""
+"""Writing benchmark results: one JSON file, complete or not at all (the package's atomic writer)."""
 
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from nnunetv2_dsm.io import atomic
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic.write_json(path, payload, strict=False)

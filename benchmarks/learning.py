@@ -41,6 +41,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset  # noqa: E402
+from nnunetv2_dsm.io import atomic  # noqa: E402
 from nnunetv2_dsm.trainers.benchmark import LEARNING_LOG, DSMTrainer_Benchmark  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,10 +110,9 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic.atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 def main() -> None:
@@ -202,9 +202,7 @@ def main() -> None:
     if {"dsm", "nnunet"} <= set(final):
         payload["ratio_dsm_over_nnunet_mean_dice"] = round(final["dsm"]["mean"] / max(final["nnunet"]["mean"], 1e-6), 4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, args.out)
+    atomic.write_json(args.out, payload, strict=False)
     plot(curves, final, args.out.with_suffix(".png"),
          f"Trained on patient A, Dice on held-out patient B (TotalSegmentator labels); {args.configuration}, "
          f"{args.spacing[0]:g} mm, {args.epochs}x{args.iterations} iterations, CPU {args.threads} threads")

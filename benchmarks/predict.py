@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from _arch import resenc_arch_kwargs
+from _results import write_json
 from tqdm import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,10 +141,7 @@ def main() -> None:
         },
     }
     target = args.out or RESULTS / f"predict_{args.device.split(':')[0]}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_target = target.with_suffix(f".tmp-{os.getpid()}")
-    tmp_target.write_text(json.dumps(out, indent=2))
-    os.replace(tmp_target, target)
+    write_json(target, out)
     print(json.dumps(out["ratio_dsm_over_resenc"], indent=2), "->", target)
 
 

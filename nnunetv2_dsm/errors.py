@@ -56,3 +56,21 @@ class InputErrors(InputError):
 
     def __reduce__(self) -> tuple:
         return type(self), (self.errors,)
+
+
+class WriteError(DSMError, OSError):
+    """An output could not be written completely (full disk, read-only target, short write)."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        OSError.__init__(
+            self, f"could not write {self.path} ({reason}). How to fix: free disk space or choose a writable "
+            "output folder; nothing was left half-written."
+        )
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.reason)

@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from nnunetv2_dsm.io.atomic import atomic_path  # noqa: E402
+
 CT_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window (HU)
 
 
@@ -45,8 +47,9 @@ def overlay_png(ct_path: str | os.PathLike, prediction_path: str | os.PathLike, 
     fig.legend(handles, [class_names[label] for label in labels], loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     out_png = Path(out_png)
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return out_png

@@ -124,11 +124,18 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
         write_anomaly_maps(pred, images, tmp_path / "s", dataset_json)
     assert not (tmp_path / "s").exists(), "nothing is written before every input is found"
 
-    (pred / "case.npz").unlink()
+    # case.npz is fine and written first; other.npz fails: no map of either, no output folder
     _image(images / "other_0000.nii.gz", np.zeros(SHAPE, np.float32))
     with pytest.raises(MaxLogitError, match="other.npz: probabilities of shape \\(3, 2, 2, 2\\) do not match"):
         write_anomaly_maps(pred, images, tmp_path / "s", dataset_json)
-    assert not list((tmp_path / "s").iterdir()), "no partial output"
+    assert not (tmp_path / "s").exists(), "no partial output, not even an empty folder"
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "keep.txt").write_text("earlier output")
+    with pytest.raises(MaxLogitError):
+        write_anomaly_maps(pred, images, tmp_path / "s", dataset_json)
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["keep.txt"], "an existing folder is left as it was"
+    (pred / "case.npz").unlink()
 
     empty = tmp_path / "empty"
     empty.mkdir()

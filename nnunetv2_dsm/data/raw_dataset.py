@@ -18,10 +18,8 @@ Nothing is half-written: datasets are assembled in a staging folder next to the 
 into place with ``os.replace``; ``dataset.json`` is written to a temporary file and renamed.
 """
 
-import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_dsm.errors import DSMError, InputError
+from nnunetv2_dsm.errors import DSMError, InputError, WriteError
+from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, orientation_code, reorient
-from nnunetv2_dsm.io.stale import remove_stale
 from nnunetv2_dsm.vocabulary import ORGANS, TUMOUR_PARENTS, TUMOURS, check_canonical
 
 FILE_ENDING = ".nii.gz"
@@ -97,17 +95,7 @@ def dsm_dataset_json(
 
 def write_json_atomic(path: Path, obj: object) -> None:
     """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic.write_json(path, obj, strict=False)
 
 
 class UndeclaredLabelError(InputError):
@@ -140,29 +128,10 @@ def staged_dataset(final: Path, overwrite: bool = False, inputs: Iterable[Path] 
     overlap any of ``inputs`` (``check_output_apart``), with or without ``overwrite``.
     """
     check_output_apart(final, inputs)
-    final = Path(final).absolute()
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; choose another output folder or pass overwrite.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Staging and old-copy folders of a killed earlier run writing the same output.
-    for stale in remove_stale(sorted(final.parent.glob(f".{final.name}.staging-*"))
-                              + sorted(final.parent.glob(f".{final.name}.old-*"))):
-        print(f"removed {stale}, left by an interrupted earlier run")
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-{os.getpid()}-"))
-    try:
+    with atomic.staged_folder(final, existing="replace" if overwrite else "refuse") as staging:
         for sub in ("imagesTr", "labelsTr"):
             (staging / sub).mkdir()
         yield staging
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-{os.getpid()}-"))
-            os.replace(final, trash / final.name)
-            os.replace(staging, final)
-            shutil.rmtree(trash)
-        else:
-            os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def nnunet_raw_folder(dataset_id: int, name: str) -> Path:
@@ -242,9 +211,14 @@ def write_image(image: sitk.Image, path: Path) -> None:
 
     Every image and label a DSM dataset writer produces goes through here, so all cases of a
     dataset share one orientation (:mod:`nnunetv2_dsm.io.orientation`); reorientation permutes and
-    flips voxel axes only, so label values are preserved exactly.
+    flips voxel axes only, so label values are preserved exactly. The file is read back before it
+    takes its name (SimpleITK can return without error from a short write on a full disk).
     """
-    sitk.WriteImage(reorient(image, CANONICAL_ORIENTATION), str(path), useCompression=True)
+    try:
+        with atomic.atomic_path(path, check=lambda tmp: sitk.ReadImage(str(tmp))) as tmp:
+            sitk.WriteImage(reorient(image, CANONICAL_ORIENTATION), str(tmp), useCompression=True)
+    except RuntimeError as err:
+        raise WriteError(path, str(err).strip().splitlines()[-1] if str(err).strip() else "SimpleITK failed") from err
 
 
 def write_array(array: np.ndarray, geometry: Geometry, path: Path) -> None:

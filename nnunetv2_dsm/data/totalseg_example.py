@@ -14,10 +14,7 @@ patient-level folds: fold 0 trains on A and validates on B, fold 1 the reverse
 (:mod:`nnunetv2_dsm.planners.patient_splits`). Every case is stored RAS.
 """
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunetv2_dsm.data.fetch import example_ct_dir
-from nnunetv2_dsm.data.raw_dataset import write_image
+from nnunetv2_dsm.data.raw_dataset import staged_dataset, write_image, write_json_atomic
 from nnunetv2_dsm.data.totalseg_names import TOTALSEG_TO_CANONICAL, TOTALSEG_TOTAL_IDS
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY
@@ -110,11 +107,7 @@ def build_example_dataset(out_dir: str | os.PathLike, classes: list[str] | None 
         raise ValueError(f"Classes {missing} do not occur in the example segmentations; choose from {sorted(present)}.")
     class_ids = {name: i + 1 for i, name in enumerate(c for c in CANONICAL if c in classes)}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        (staging / "imagesTr").mkdir()
-        (staging / "labelsTr").mkdir()
+    with staged_dataset(out_dir, overwrite=overwrite) as staging:
         for case_id, image, label in tqdm(cases, desc="Writing example cases", unit="case"):
             image = sitk.Cast(image, sitk.sitkInt16)
             canonical = sitk.GetImageFromArray(_to_canonical(sitk.GetArrayFromImage(label), class_ids))
@@ -134,11 +127,5 @@ def build_example_dataset(out_dir: str | os.PathLike, classes: list[str] | None 
                     "patients": {patient: [case] for case, patient in PATIENTS.items()},
                     ORIENTATION_KEY: CANONICAL_ORIENTATION},
         }
-        (staging / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_json_atomic(staging / "dataset.json", dataset_json)
     return out_dir

@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from nnunetv2_dsm.checks.inputs import InputError, check_intensities, check_label_values, read_image_checked
 from nnunetv2_dsm.errors import DSMError
-from nnunetv2_dsm.evaluation import atomic_io
 from nnunetv2_dsm.evaluation.metrics import (
     ROI_NOT_ANNOTATED,
     Metric,
@@ -32,6 +31,7 @@ from nnunetv2_dsm.evaluation.metrics import (
     roc_metrics,
 )
 from nnunetv2_dsm.evaluation.roi import ROI_DESCRIPTIONS, ROI_MODES
+from nnunetv2_dsm.io import atomic as atomic_io
 from nnunetv2_dsm.vocabulary import ORGANS, TUMOUR_PARENTS
 
 ANOMALY = "anomaly"

@@ -24,8 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nnunetv2_dsm.errors import DSMError
-from nnunetv2_dsm.evaluation import atomic_io
 from nnunetv2_dsm.evaluation.evaluate import METRICS_JSON
+from nnunetv2_dsm.io import atomic as atomic_io
 
 SUMMARY_JSON = "summary.json"
 _DATASET_RE = re.compile(r"^Dataset\d{3}_.+")

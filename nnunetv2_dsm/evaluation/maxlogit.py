@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from nnunetv2_dsm.dataset_checks import class_prompt_names
 from nnunetv2_dsm.errors import DSMError
-from nnunetv2_dsm.evaluation.atomic_io import atomic_path
+from nnunetv2_dsm.io.atomic import atomic_path, staged_folder
 from nnunetv2_dsm.vocabulary import is_tumour
 
 ANOMALY_SUFFIX = "_anomaly"
@@ -111,6 +111,8 @@ def write_anomaly_maps(predictions: str | os.PathLike, images: str | os.PathLike
         if not image.is_file():
             raise MaxLogitError(f"{npz} has no input image {image}; pass the folder the predictions were made from")
         pairs.append((npz, image))
-    output.mkdir(parents=True, exist_ok=True)
-    return [write_anomaly_map(npz, image, output / f"{npz.stem}{ANOMALY_SUFFIX}{ending}", dataset_json)
-            for npz, image in tqdm(pairs, desc="max-logit anomaly maps", unit="case")]
+    # Staged: on an error in any case, nothing is written (and no output folder is created).
+    with staged_folder(output, existing="merge") as stage:
+        for npz, image in tqdm(pairs, desc="max-logit anomaly maps", unit="case"):
+            write_anomaly_map(npz, image, stage / f"{npz.stem}{ANOMALY_SUFFIX}{ending}", dataset_json)
+    return [output / f"{npz.stem}{ANOMALY_SUFFIX}{ending}" for npz, _ in pairs]

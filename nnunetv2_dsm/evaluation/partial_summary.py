@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from nnunetv2.evaluation.evaluate_predictions import load_summary_json, save_summary_json
 
+from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.losses.availability import availability_from_keys
 
 NAN_METRICS = ("Dice", "IoU")
@@ -46,7 +47,6 @@ def mask_unannotated(summary_file: str | os.PathLike, dataset_json: dict, class_
     for name in NAN_METRICS:
         means = [summary["mean"][k][name] for k in keys if k in summary["mean"]]
         summary["foreground_mean"][name] = float(np.nanmean(means)) if np.isfinite(means).any() else float("nan")
-    tmp = f"{summary_file}.tmp-{os.getpid()}.json"
-    save_summary_json(summary, tmp)
-    os.replace(tmp, summary_file)
+    with atomic_path(summary_file, suffix=".json") as tmp:
+        save_summary_json(summary, str(tmp))
     return summary

@@ -41,6 +41,8 @@ from tqdm import tqdm
 from nnunetv2_dsm.checks.inputs import InputError, check_prediction_inputs, read_image_checked
 from nnunetv2_dsm.dataset_checks import class_prompt_names
 from nnunetv2_dsm.errors import DSMError
+from nnunetv2_dsm.io import atomic
+from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, reorient_files, restore_geometry
 from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
 from nnunetv2_dsm.networks.amvp import minmax_per_case
@@ -160,22 +162,15 @@ def _write_image(image: sitk.Image, path: Path) -> None:
 
 
 def _write_atomic(image: sitk.Image, path: Path) -> None:
-    # The temporary name keeps the .nii.gz suffix: SimpleITK picks the format from it.
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp-{os.getpid()}.nii.gz")
     try:
-        try:
+        # SimpleITK can return without error from a short write (a full disk): the file is read back.
+        with atomic_path(path, check=read_image_checked) as tmp:
             _write_image(image, tmp)
-            # SimpleITK can return without error from a short write (a full disk): read the file back.
-            read_image_checked(tmp)
-        except (RuntimeError, OSError, InputError) as err:
-            raise DSMPredictionError(
-                f"could not write {path} ({err}); free disk space or choose another output folder "
-                "(nothing of this case was left half-written)"
-            ) from err
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except (RuntimeError, OSError, InputError) as err:
+        raise DSMPredictionError(
+            f"could not write {path} ({getattr(err, 'reason', err)}); free disk space or choose another output "
+            "folder (nothing of this case was left half-written)"
+        ) from err
 
 
 def _to_image(array: np.ndarray, properties: dict) -> sitk.Image:
@@ -371,9 +366,7 @@ class DSMPredictor(nnUNetPredictor):
             "trainer": self.trainer_name,
             "text_encoder": self.encoder_id,
         }
-        tmp = output_folder / f".prompts.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, output_folder / "prompts.json")
+        atomic.write_json(output_folder / "prompts.json", info)
 
     def _export(self, logits: Tensor, properties: dict, targets: list[Path], grid: dict | None = None) -> None:
         # logits: (K' + 1, *S_preprocessed); the last channel is the raw anomaly score

@@ -87,6 +87,8 @@ class DSMNetwork(nn.Module):
         ffn_dim: int = 256,
         num_heads: int = 4,
         kmeans_void: bool = False,
+        update_queries: bool = True,
+        background_query: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -123,11 +125,14 @@ class DSMNetwork(nn.Module):
         self.decoder = DSMPixelDecoder(
             self.encoder, query_dim, num_levels, n_conv_per_stage_decoder, deep_supervision=deep_supervision
         )
-        self.queries = nn.Embedding(num_classes, query_dim)
+        # With a background query, every class mask is relative to it: logit_c = m_c - m_bg.
+        self.background_query = background_query
+        num_queries = num_classes + int(background_query)
+        self.queries = nn.Embedding(num_queries, query_dim)
         self.kmmm_layers = nn.ModuleList(
             [
                 KMMMLayer(
-                    num_classes,
+                    num_queries,
                     query_dim,
                     num_heads=num_heads,
                     ffn_dim=ffn_dim,
@@ -137,6 +142,7 @@ class DSMNetwork(nn.Module):
                     use_kmeans=use_kmeans,
                     use_ssm=use_ssm,
                     kmeans_void=kmeans_void,
+                    update_queries=update_queries,
                 )
                 for _ in range(num_levels)
             ]
@@ -169,16 +175,23 @@ class DSMNetwork(nn.Module):
         straight_through = not self.deep_supervision and torch.is_grad_enabled()
         for layer, f in zip(self.kmmm_layers, features):
             q, m = layer(q, f, straight_through)
-            responses.append(m)
-        final = self.decoder.pixel_proj(q, last_stage)
+            responses.append(self.relative_to_background(m))
+        final = self.relative_to_background(self.decoder.pixel_proj(q, last_stage))
         output = [final, *responses[::-1]] if self.deep_supervision else final
         if not return_extras:
             return output
+        background, q = (q[:, :1], q[:, 1:]) if self.background_query else (None, q)
         extras = LazyExtras(
-            {"queries": q, "class_logits": self.class_head(q), "responses": responses, "features": features},
+            {"queries": q, "background_query": background, "class_logits": self.class_head(q),
+             "responses": responses, "features": features},
             {"pixel_embedding": lambda: self.decoder.pixel_embedding(last_stage)},
         )
         return output, extras
+
+    def relative_to_background(self, masks: torch.Tensor) -> torch.Tensor:
+        """Class mask logits ``m_c - m_bg`` with a background query (query 0), else the masks as they are."""
+        # masks: (B, N(+1), *S) -> (B, N, *S)
+        return masks[:, 1:] - masks[:, :1] if self.background_query else masks
 
     def compute_conv_feature_map_size(self, input_size: list[int] | tuple[int, ...]) -> np.int64:
         """Activation count estimate for nnU-Net's VRAM heuristics (input_size without channels)."""

@@ -93,9 +93,11 @@ class KMMMLayer(nn.Module):
         use_kmeans: bool = True,
         use_ssm: bool = True,
         kmeans_void: bool = False,
+        update_queries: bool = True,
     ) -> None:
         super().__init__()
         self.kmeans_void = kmeans_void
+        self.update_queries = update_queries
         if query_dim % num_heads:
             raise ValueError(f"query_dim ({query_dim}) must be divisible by num_heads ({num_heads}).")
         self.use_kmeans = use_kmeans
@@ -136,7 +138,9 @@ class KMMMLayer(nn.Module):
         spatial = f.shape[2:]
         f = f.flatten(2)
         m = self.mask_logits(q, f)
-        if self.use_kmeans:
+        if not self.update_queries:
+            pass  # image-independent queries (ablation): self-attention and FFN only
+        elif self.use_kmeans:
             q = q + self.update_norm(self.update(kmeans_assignment(m, straight_through, self.kmeans_void), f))
         else:
             q = self.update(q, f.transpose(1, 2), m.detach() > 0)

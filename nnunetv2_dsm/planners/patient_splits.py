@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from nnunetv2_dsm.dataset_checks import DSMDatasetError
+from nnunetv2_dsm.io import atomic
 
 MAX_FOLDS = 5
 
@@ -80,8 +81,5 @@ def write_patient_splits(preprocessed_folder: str | os.PathLike, dataset_json: d
         check_splits_respect_patients(splits, groups, path)
         return splits
     splits = patient_splits(groups)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(splits, indent=2))
-    os.replace(tmp, path)
+    atomic.write_json(path, splits)
     return splits

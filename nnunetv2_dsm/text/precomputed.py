@@ -1,13 +1,13 @@
 """Precomputed prompt embeddings in a file (.pt or .npz), for machines without the original encoder."""
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nnunetv2_dsm.errors import DSMError
+from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.text.base import TextEncoder, l2_normalise, validate_texts
 from nnunetv2_dsm.text.spec import spec_hint
 
@@ -46,11 +46,9 @@ def save_embeddings(
         raise ValueError(f"{path}: vectors have shape {tuple(vectors.shape)}, expected ({len(texts)}, dim)")
     vectors = l2_normalise(vectors, source=str(path))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with atomic_path(path) as tmp:
         # Writing through the open file object keeps np.savez from appending its own ".npz".
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             if path.suffix == ".pt":
                 torch.save({"names": list(texts), "vectors": vectors, "encoder_id": encoder_id}, f)
             else:
@@ -60,10 +58,6 @@ def save_embeddings(
                     vectors=vectors.numpy(),
                     encoder_id=np.array(encoder_id),
                 )
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return path
 
 

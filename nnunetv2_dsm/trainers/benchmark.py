@@ -13,13 +13,13 @@ on patches; the benchmark adds full-volume Dice from ``nnUNetv2_predict`` at the
 that nnU-Net's class lookup finds it in this package.
 """
 
-import json
 import os
 import time
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
 
@@ -52,13 +52,10 @@ class _BenchmarkSchedule:
             "pseudo_dice": [float(d) for d in log("dice_per_class_or_region", step=-1)],
         })
         if self.local_rank == 0:
-            path = os.path.join(self.output_folder, LEARNING_LOG)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                # pseudo_dice follows the label order of dataset.json (both label managers use it)
-                classes = [k for k in self.dataset_json["labels"] if k not in ("background", "ignore")]
-                json.dump({"classes": classes, "epochs": self._learning_log}, f, indent=2)
-            os.replace(tmp, path)
+            # pseudo_dice follows the label order of dataset.json (both label managers use it)
+            classes = [k for k in self.dataset_json["labels"] if k not in ("background", "ignore")]
+            atomic.write_json(os.path.join(self.output_folder, LEARNING_LOG),
+                              {"classes": classes, "epochs": self._learning_log}, strict=False)
 
 
 class DSMTrainer_Benchmark(_BenchmarkSchedule, DSMTrainer):
@@ -87,3 +84,21 @@ class DSMTrainer_Benchmark_SGD(DSMTrainer_Benchmark):
 
     def configure_optimizers(self):
         return nnUNetTrainer.configure_optimizers(self)
+
+
+class DSMTrainer_Benchmark_staticQueries(DSMTrainer_Benchmark):
+    """Diagnostic: the benchmark's DSM run with image-independent queries (no k-means update)."""
+
+    arch_overrides = {"update_queries": False}
+
+
+class DSMTrainer_Benchmark_noSSM(DSMTrainer_Benchmark):
+    """The benchmark's DSM run without the state-space layer on the query responses."""
+
+    arch_overrides = {"use_ssm": False}
+
+
+class DSMTrainer_Benchmark_bgQuery(DSMTrainer_Benchmark):
+    """The benchmark's DSM run with a background query: class masks relative to it, a background k-means cluster."""
+
+    arch_overrides = {"background_query": True}

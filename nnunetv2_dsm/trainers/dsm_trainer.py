@@ -7,7 +7,6 @@ format and on partial labels are overridden.
 
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation.partial_summary import mask_unannotated
-from nnunetv2_dsm.io.stale import remove_stale
+from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.losses import (
     ClassPresenceBCE,
     PartialLabelDeepSupervision,
@@ -183,16 +182,12 @@ class DSMTrainer(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         """Write to a temporary file and rename, so an interrupted save never leaves a truncated checkpoint."""
-        tmp = f"{filename}.tmp-{os.getpid()}"
-        # a killed earlier save of this checkpoint leaves its temporary behind
-        remove_stale(sorted(Path(filename).parent.glob(f"{Path(filename).name}.tmp-*")))
-        try:
-            super().save_checkpoint(tmp)
-            if os.path.exists(tmp):
-                os.replace(tmp, filename)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # nnU-Net writes nothing then, and says so
+            return
+        # a killed earlier save of this checkpoint leaves its temporary behind; atomic_path removes it
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(str(tmp))
 
 
 def seed_from_environment() -> None:

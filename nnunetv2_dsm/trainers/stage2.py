@@ -27,6 +27,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_dsm.dataset_checks import class_prompt_names
+from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.networks.dsm_stage2 import STAGE2_DEFAULTS, DSMStage2Network
 from nnunetv2_dsm.text import class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
@@ -48,13 +49,8 @@ def organ_channels(dataset_json: dict) -> list[int]:
 
 
 def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _write_json(data: dict, path: str) -> None:
