@@ -528,3 +528,25 @@ def test_dsm_planner_stops_on_every_problem_before_planning(good_dataset: Path, 
     monkeypatch.setenv(dsm_planner.SKIP_CHECKS_VARIABLE, "1")
     with pytest.raises(DSMDatasetError, match="weird_thing"):
         dsm_planner.DSMPlannerCPU("Dataset992_CheckBad")
+
+
+def test_stock_planning_command_reports_dsm_errors_without_traceback(good_dataset: Path, tmp_path: Path) -> None:
+    """The stock command shows our error as the nnunetv2_dsm command does: message, no traceback."""
+    import subprocess
+    import sys
+
+    raw = tmp_path / "raw"
+    make_bad_dataset(good_dataset, raw / "Dataset992_CheckBad")
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(tmp_path / "pre"),
+           "nnUNet_results": str(tmp_path / "res")}
+    env.pop("DSM_SKIP_CHECKS", None)
+    env.pop("DSM_DEBUG", None)
+    command = [str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", "992", "-pl",
+               "DSMPlannerCPU", "-c", "2d", "-np", "1"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "error: " in proc.stderr and "input problems found" in proc.stderr and "How to fix" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "pre" / "Dataset992_CheckBad" / "DSMPlansCPU.json").exists()
+    proc = subprocess.run(command, env={**env, "DSM_DEBUG": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr

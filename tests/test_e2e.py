@@ -214,6 +214,15 @@ def test_atomic_checkpoint_survives_a_failed_save(nnunet_env, trained: Path, tmp
             raise AssertionError('the failed save must raise')
         assert open({str(target)!r}, 'rb').read() == before, 'previous checkpoint changed'
         assert sorted(os.listdir({str(tmp_path)!r})) == ['checkpoint_latest.pth'], os.listdir({str(tmp_path)!r})
+        # nnUNetv2_train --c on a truncated checkpoint: an error naming the file and the fix
+        from nnunetv2_dsm.trainers.dsm_trainer import DSMCheckpointError
+        open({str(target)!r}, 'wb').write(before[: len(before) // 2])
+        try:
+            trainer.load_checkpoint({str(target)!r})
+        except DSMCheckpointError as err:
+            assert {str(target)!r} in str(err) and 'truncated' in str(err), err
+        else:
+            raise AssertionError('a truncated checkpoint must not load')
         print('ATOMIC OK')
     """)
     out = run_command([sys.executable, "-c", script], nnunet_env)

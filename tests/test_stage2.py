@@ -10,6 +10,7 @@ stage 2 from its checkpoint with ``-pretrained_weights``, then predict with text
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -302,6 +303,25 @@ def _cli() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     predict_cli.register(parser.add_subparsers(dest="command", required=True))
     return parser
+
+
+def test_missing_or_truncated_checkpoint_is_a_clear_error(stage2: Path, inputs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = _cli().parse_args(["predict", "-i", str(inputs), "-o", str(out), "-m", str(stage2), "-f", "3",
+                              "--prompts", "liver", "--device", "cpu"])
+    with pytest.raises(DSMPredictionError, match=r"no checkpoint_final.pth for fold\(s\) \[3\] .*fold_3.*"
+                                                 r"folds with that checkpoint: \[0\]"):
+        args.func(args)
+    model = tmp_path / "model"
+    shutil.copytree(stage2, model)
+    checkpoint = model / "fold_0" / "checkpoint_final.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    args = _cli().parse_args(["predict", "-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0",
+                              "--prompts", "liver", "--device", "cpu"])
+    with pytest.raises(DSMPredictionError, match=r"fold_0/checkpoint_final.pth: not a readable checkpoint .*"
+                                                 r"truncated"):
+        args.func(args)
+    assert not out.exists(), "nothing is written"
 
 
 def test_encoder_mismatch_is_a_clear_error(stage2: Path, tmp_path: Path) -> None:

@@ -23,8 +23,10 @@ predict only their trained classes: their prompts must name trained classes.
 import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -157,6 +159,14 @@ class TrainedClassSelection(nn.Module):
         return torch.cat([out[:, self.channels], anomaly], dim=1)
 
 
+def _readable_checkpoint(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - any failure to load means the file is not a usable checkpoint
+        return False
+    return True
+
+
 def _write_image(image: sitk.Image, path: Path) -> None:
     sitk.WriteImage(image, str(path), True)
 
@@ -221,7 +231,27 @@ class DSMPredictor(nnUNetPredictor):
             use_folds = self.auto_detect_available_folds(str(model_folder), checkpoint_name)
             if not use_folds:
                 raise DSMPredictionError(f"{model_folder}: no fold_*/{checkpoint_name} found; train the model first.")
-        super().initialize_from_trained_model_folder(str(model_folder), use_folds, checkpoint_name)
+        else:
+            missing = [f for f in use_folds if not (model_folder / f"fold_{f}" / checkpoint_name).is_file()]
+            if missing:
+                available = self.auto_detect_available_folds(str(model_folder), checkpoint_name)
+                raise DSMPredictionError(
+                    f"{model_folder}: no {checkpoint_name} for fold(s) {missing} "
+                    f"({', '.join(str(model_folder / f'fold_{f}' / checkpoint_name) for f in missing)}); "
+                    f"folds with that checkpoint: {sorted(available, key=str) or 'none'}. Pass -f with those "
+                    "folds, or --checkpoint checkpoint_best.pth for a run that has not finished"
+                )
+        try:
+            super().initialize_from_trained_model_folder(str(model_folder), use_folds, checkpoint_name)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            unreadable = [f for f in use_folds if not _readable_checkpoint(model_folder / f"fold_{f}" / checkpoint_name)]
+            if not unreadable:
+                raise
+            raise DSMPredictionError(
+                f"{', '.join(str(model_folder / f'fold_{f}' / checkpoint_name) for f in unreadable)}: not a readable "
+                f"checkpoint ({err}); it is truncated or not a torch checkpoint. Copy it again, or predict with "
+                "the other folds (-f)"
+            ) from err
         # nnU-Net names model folders <Trainer>__<Plans>__<configuration>.
         self.configuration_name = model_folder.resolve().name.split("__")[-1]
         network = _unwrap(self.network)

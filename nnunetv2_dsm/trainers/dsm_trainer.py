@@ -40,6 +40,10 @@ class DSMNonFiniteError(DSMError, FloatingPointError):
     """The training loss or gradient became NaN or infinite."""
 
 
+class DSMCheckpointError(DSMError, RuntimeError):
+    """A checkpoint file that cannot be read (truncated, or not a torch checkpoint)."""
+
+
 class DSMTrainer(nnUNetTrainer):
     class_loss_weight: float = 1.0
     # Overrides of the DSM decoder settings in the plans (ablation trainers set these).
@@ -179,6 +183,22 @@ class DSMTrainer(nnUNetTrainer):
                                        self.label_manager.foreground_regions)
             self.print_to_log_file("Mean Validation Dice over annotated (case, class) pairs:",
                                    summary["foreground_mean"]["Dice"])
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's loading; a file that torch cannot read is a ``DSMCheckpointError`` naming it."""
+        if isinstance(filename_or_checkpoint, str):
+            if not self.was_initialized:
+                self.initialize()
+            try:
+                filename_or_checkpoint = torch.load(filename_or_checkpoint, map_location=self.device,
+                                                    weights_only=False)
+            except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
+                raise DSMCheckpointError(
+                    f"{filename_or_checkpoint}: not a readable checkpoint ({type(err).__name__}: {err}); it is "
+                    "truncated or not a torch checkpoint. Delete it to continue from checkpoint_latest.pth / "
+                    "checkpoint_best.pth (nnUNetv2_train --c picks the next one), or train without --c"
+                ) from err
+        super().load_checkpoint(filename_or_checkpoint)
 
     def save_checkpoint(self, filename: str) -> None:
         """Write to a temporary file and rename, so an interrupted save never leaves a truncated checkpoint."""
