@@ -130,7 +130,8 @@ def test_deep_supervision_stages_for_six_stages_match_paper_strides() -> None:
 
 
 @pytest.mark.parametrize(
-    "variant", [{}, {"use_ssm": False}, {"use_kmeans": False}, {"ssm_bidirectional": False}], ids=str
+    "variant", [{}, {"use_ssm": False}, {"use_kmeans": False}, {"ssm_bidirectional": False},
+                {"background_query": True}], ids=str
 )
 def test_every_parameter_gets_gradient(variant: dict) -> None:
     # conv biases directly followed by InstanceNorm have an exactly zero gradient in any network,
@@ -371,3 +372,25 @@ def test_kmeans_void_leaves_unclaimed_pixels_out_of_every_cluster() -> None:
     assert torch.equal(straight.detach(), void)
     straight[:, 0].sum().backward()
     assert logits.grad[..., 2].abs().sum() == 0 and logits.grad[..., :2].abs().sum() > 0
+
+
+def test_background_query_makes_every_mask_relative_to_it() -> None:
+    """Query 0 is background: class logits are m_c - m_bg at every output, and its k-means cluster
+    takes the pixels it wins, so background is summed into no organ's query."""
+    net, _, patch = build(3, background_query=True)
+    assert net.queries.weight.shape[0] == net.num_classes + 1
+    net.deep_supervision = True
+    net.eval()
+    x = torch.randn(1, 1, *patch)
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[1])) for layer in net.kmmm_layers]
+    with torch.no_grad():
+        outputs, extras = net(x, return_extras=True)
+    for h in hooks:
+        h.remove()
+    assert all(o.shape[1] == net.num_classes for o in outputs)
+    for raw, relative in zip(captured, extras["responses"]):
+        assert raw.shape[1] == net.num_classes + 1
+        torch.testing.assert_close(relative, raw[:, 1:] - raw[:, :1])
+    assert extras["queries"].shape[1] == net.num_classes and extras["background_query"].shape[1] == 1
+    assert extras["class_logits"].shape == (1, net.num_classes)

@@ -67,7 +67,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --- network ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ablation", [{}, {"use_amvp": False}, {"use_dqr": False}, {"use_text": False}])
+@pytest.mark.parametrize("ablation", [{}, {"use_amvp": False}, {"use_dqr": False}, {"use_text": False},
+                                      {"background_query": True}])
 def test_gradients_reach_every_trainable_parameter(ablation: dict) -> None:
     net = _tiny_network(deep_supervision=True, **ablation)
     net.tumour_decoder.text_embeddings.copy_(torch.nn.functional.normalize(torch.randn(4, 8), dim=1))

@@ -172,12 +172,15 @@ class DSMStage2Network(DSMNetwork):
         use_dqr: bool = True,
         use_text: bool = True,
         organ_channels: list[int] | None = None,
+        kmeans_void: bool = False,
+        background_query: bool = False,
     ) -> None:
         super().__init__(
             input_channels, num_classes, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
             n_blocks_per_stage, n_conv_per_stage_decoder, conv_bias, norm_op, norm_op_kwargs, dropout_op,
             dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision, num_kmmm_layers, query_dim, ssm_d_state,
             ssm_expand, ssm_bidirectional, use_kmeans, use_ssm, ffn_dim, num_heads,
+            kmeans_void=kmeans_void, background_query=background_query,
         )
         self.export_anomaly = False
         # ModuleDict only to give the stage-2 keys the ``.seg_layers.`` infix (module docstring).
@@ -257,11 +260,14 @@ class DSMStage2Network(DSMNetwork):
         straight_through = not self.deep_supervision and torch.is_grad_enabled()  # as in DSMNetwork.forward
         for kmmm, dqr, f in zip(self.kmmm_layers, head.dqr_layers, features):
             q, m = kmmm(q, f, straight_through)
+            m = self.relative_to_background(m)
             responses.append(m)
             prompt = head.amvp(m[:, head.organ_index], f.shape[2:])[1] if head.use_amvp else None
-            tumour, _, guide = dqr(tumour, q, f, guide, prompt)
+            tumour, _, guide = dqr(tumour, q[:, int(self.background_query):], f, guide, prompt)
+        # With a background query (query 0) every mask, the tumour queries' too, is relative to it.
+        masks = self.relative_to_background(self.decoder.pixel_proj(torch.cat([q, tumour], dim=1), last_stage))
+        q = q[:, int(self.background_query):]
         all_queries = torch.cat([q, tumour], dim=1)
-        masks = self.decoder.pixel_proj(all_queries, last_stage)
         final = masks[:, : self.num_classes]
         class_logits = head.alignment(all_queries, head.class_vectors())
         no_object_logits = head.alignment(all_queries, head.no_object)
