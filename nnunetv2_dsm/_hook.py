@@ -57,9 +57,10 @@ def _excepthook(previous):
     """Print an uncaught ``DSMError`` as its message alone (``DSM_DEBUG=1``: with the traceback)."""
 
     def excepthook(exc_type, exc, tb):
+        from nnunetv2_dsm import settings
         from nnunetv2_dsm.errors import DSMError
 
-        if isinstance(exc, DSMError) and not os.environ.get("DSM_DEBUG"):
+        if isinstance(exc, DSMError) and not settings.debug():
             sys.stderr.write(f"error: {exc}\n(set DSM_DEBUG=1 to see the traceback)\n")
             return
         previous(exc_type, exc, tb)

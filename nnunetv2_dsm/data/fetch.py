@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from nnunetv2_dsm.errors import DSMError
+from nnunetv2_dsm.settings import cache_dir
 
 TOTALSEG_VERSION = "2.18.0"
 SDIST_NAME = f"totalsegmentator-{TOTALSEG_VERSION}"
@@ -21,13 +22,6 @@ SDIST_NAME = f"totalsegmentator-{TOTALSEG_VERSION}"
 
 class FetchError(DSMError, RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DSM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nnunetv2_dsm"
-    )
-    return Path(root)
 
 
 def example_ct_dir(quiet: bool = False) -> Path:

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from nnunetv2_dsm.data.fetch import cache_dir
+from nnunetv2_dsm import settings
+from nnunetv2_dsm.settings import cache_dir
 
 SOURCES = tuple(sorted((Path(__file__).with_name("csrc")).glob("*.c")))
 # -ffast-math lets GCC call glibc's SIMD exp (libmvec). Compiling and linking are separate steps: linking
@@ -108,7 +109,7 @@ def _compile(target: Path) -> None:
 @functools.cache
 def load_kernels() -> ctypes.CDLL | None:
     """The compiled kernel library, compiling it once per machine; None when disabled or unavailable."""
-    if os.environ.get("DSM_CPU_KERNELS", "1") == "0":
+    if not settings.cpu_kernels_enabled():
         return None
     target = library_path()
     try:

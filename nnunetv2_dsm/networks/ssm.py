@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnunetv2_dsm import settings
 from nnunetv2_dsm.networks import cpu_kernels, scan_torch
+from nnunetv2_dsm.settings import SCAN_BACKEND_VARIABLE
 
-SCAN_BACKEND_VARIABLE = "DSM_SCAN_BACKEND"
 SCAN_BACKENDS = ("auto", "mamba", "triton", "compiled", "torch")
 _log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def scan_backend(device_type: str) -> str:
     compiled C kernels, else PyTorch. ``DSM_SCAN_BACKEND`` forces one; a forced backend that cannot run
     here is an error, not a silent fallback (Triton on CPU needs ``TRITON_INTERPRET=1``).
     """
-    forced = os.environ.get(SCAN_BACKEND_VARIABLE, "auto").strip().lower() or "auto"
+    forced = (settings.scan_backend_override() or "auto").strip().lower() or "auto"
     if forced not in SCAN_BACKENDS:
         raise ValueError(f"{SCAN_BACKEND_VARIABLE}={forced!r} is not one of {', '.join(SCAN_BACKENDS)}")
     cuda = device_type == "cuda"

@@ -5,7 +5,6 @@ ResEnc backbone that DSM builds on) and only swap the network written into the p
 network with its decoder arguments, and the label manager for the sigmoid-region one.
 """
 
-import os
 from typing import Any
 
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
@@ -17,11 +16,13 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
+from nnunetv2_dsm import settings
 from nnunetv2_dsm.checks.inputs import check_raw_dataset, mixed_orientation_error
 from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
 from nnunetv2_dsm.errors import raise_input_errors
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, file_orientation
 from nnunetv2_dsm.planners.patient_splits import write_patient_splits
+from nnunetv2_dsm.settings import SKIP_CHECKS_VARIABLE  # noqa: F401 - re-exported for callers
 
 DSM_NETWORK = "nnunetv2_dsm.networks.dsm_network.DSMNetwork"
 
@@ -109,7 +110,6 @@ class DSMPlannerCPU(DSMPlanner):
         self.UNet_reference_val_2d = 1_500_000
 
 
-SKIP_CHECKS_VARIABLE = "DSM_SKIP_CHECKS"
 
 
 def check_before_planning(raw_folder: str) -> None:
@@ -119,7 +119,7 @@ def check_before_planning(raw_folder: str) -> None:
     word; this runs before any plans or preprocessed data are written. ``DSM_SKIP_CHECKS=1`` skips it
     (large datasets that were already checked).
     """
-    if os.environ.get(SKIP_CHECKS_VARIABLE, "0").strip() == "1":
+    if settings.skip_checks():
         return
     raise_input_errors(check_raw_dataset(raw_folder, progress=True))
 

@@ -16,6 +16,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.trainers.dsm_trainer import seed_from_environment
+from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
 from nnunetv2_dsm.trainers.variants import DSMTrainer_2epochs_NoMirroring, DSMTrainer_noKMMM, DSMTrainer_noSSM
 
 
@@ -38,24 +39,11 @@ class StockBaselineTrainer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
 
 
-class DSMBaselineTrainer_2epochs_NoMirroring(StockBaselineTrainer):
+class DSMBaselineTrainer_2epochs_NoMirroring(NoMirroring, ShortSchedule, StockBaselineTrainer):
     """Stock nnU-Net training with the iteration budget of ``DSMTrainer_2epochs_NoMirroring``."""
 
     budget = DSMTrainer_2epochs_NoMirroring
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = self.budget.epochs
-        self.num_iterations_per_epoch = self.budget.iterations
-        self.num_val_iterations_per_epoch = max(1, self.budget.iterations // 2)
-        # A checkpoint after every epoch, as the short DSM runs, so an interrupted run resumes with --c.
-        self.save_every = 1
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None
+    epochs, iterations = budget.epochs, budget.iterations
 
 
 class DSMTrainer_noKMMM_2epochs_NoMirroring(DSMTrainer_noKMMM, DSMTrainer_2epochs_NoMirroring):

@@ -19,6 +19,7 @@ import time
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_dsm import settings
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
@@ -34,8 +35,7 @@ class _BenchmarkSchedule:
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # The benchmark script sets the budget for both models through these variables.
-        self.num_epochs = int(os.environ.get("DSM_BENCHMARK_EPOCHS", self.epochs))
-        self.num_iterations_per_epoch = int(os.environ.get("DSM_BENCHMARK_ITERATIONS", self.iterations))
+        self.num_epochs, self.num_iterations_per_epoch = settings.benchmark_budget(self.epochs, self.iterations)
         self.save_every = 1
         self._learning_log: list[dict] = []
 

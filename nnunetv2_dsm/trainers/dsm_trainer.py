@@ -17,6 +17,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch._dynamo import OptimizedModule
 
+from nnunetv2_dsm import settings
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation.partial_summary import mask_unannotated
 from nnunetv2_dsm.io.atomic import atomic_path
@@ -216,13 +217,9 @@ def seed_from_environment() -> None:
     Network initialisation, patch sampling and augmentation then repeat; augmentation is only
     reproducible in the main process (``nnUNet_n_proc_DA=0``), as nnU-Net seeds its workers itself.
     """
-    value = os.environ.get("DSM_SEED")
-    if value is None:
+    seed = settings.seed()
+    if seed is None:
         return
-    try:
-        seed = int(value)
-    except ValueError:
-        raise ValueError(f"DSM_SEED must be an integer, got {value!r}") from None
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

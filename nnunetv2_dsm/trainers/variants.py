@@ -1,31 +1,15 @@
 """Small DSMTrainer variants, each changing one thing (named like nnU-Net's trainer variants)."""
 
-import torch
-
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
+from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
 
 
-class _ShortSchedule(DSMTrainer):
-    epochs: int = 2
-    iterations: int = 5
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = self.epochs
-        self.num_iterations_per_epoch = self.iterations
-        self.num_val_iterations_per_epoch = max(1, self.iterations // 2)
-        # A checkpoint after every epoch, so an interrupted short run resumes with --c.
-        self.save_every = 1
+class _ShortSchedule(ShortSchedule, DSMTrainer):
+    """DSMTrainer on a short schedule (``epochs`` x ``iterations``)."""
 
 
-class _NoMirroring(DSMTrainer):
-    """No mirroring, neither as augmentation nor as test-time augmentation (8x faster inference)."""
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None
+class _NoMirroring(NoMirroring, DSMTrainer):
+    """DSMTrainer without mirroring."""
 
 
 class DSMTrainer_1epoch_NoMirroring(_NoMirroring, _ShortSchedule):

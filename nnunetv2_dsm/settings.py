@@ -1,0 +1,63 @@
+"""Every setting DSM reads from the environment, and the cache folder, in one place (standard library only).
+
+| variable | effect |
+|---|---|
+| ``DSM_CACHE`` | cache folder (example CT, compiled CPU kernels); default ``$XDG_CACHE_HOME/nnunetv2_dsm`` |
+| ``DSM_SEED`` | seed Python, NumPy and torch for repeatable CPU training |
+| ``DSM_SKIP_CHECKS=1`` | DSM planners skip the raw-data file checks (datasets already checked) |
+| ``DSM_SCAN_BACKEND`` | force the selective scan: ``mamba``, ``triton``, ``compiled`` or ``torch`` |
+| ``DSM_CPU_KERNELS=0`` | do not build or use the compiled CPU kernels |
+| ``DSM_DEBUG=1`` | stock nnU-Net commands show the traceback of DSM errors |
+| ``DSM_BENCHMARK_EPOCHS``, ``DSM_BENCHMARK_ITERATIONS`` | budget of the learning benchmark's trainers |
+"""
+
+import os
+from pathlib import Path
+
+CACHE_VARIABLE = "DSM_CACHE"
+SEED_VARIABLE = "DSM_SEED"
+SKIP_CHECKS_VARIABLE = "DSM_SKIP_CHECKS"
+SCAN_BACKEND_VARIABLE = "DSM_SCAN_BACKEND"
+CPU_KERNELS_VARIABLE = "DSM_CPU_KERNELS"
+DEBUG_VARIABLE = "DSM_DEBUG"
+BENCHMARK_EPOCHS_VARIABLE = "DSM_BENCHMARK_EPOCHS"
+BENCHMARK_ITERATIONS_VARIABLE = "DSM_BENCHMARK_ITERATIONS"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_VARIABLE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nnunetv2_dsm"
+    )
+    return Path(root)
+
+
+def seed() -> int | None:
+    value = os.environ.get(SEED_VARIABLE)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{SEED_VARIABLE} must be an integer, got {value!r}") from None
+
+
+def skip_checks() -> bool:
+    return os.environ.get(SKIP_CHECKS_VARIABLE, "0").strip() == "1"
+
+
+def cpu_kernels_enabled() -> bool:
+    return os.environ.get(CPU_KERNELS_VARIABLE, "1") != "0"
+
+
+def scan_backend_override() -> str | None:
+    return os.environ.get(SCAN_BACKEND_VARIABLE) or None
+
+
+def debug() -> bool:
+    return bool(os.environ.get(DEBUG_VARIABLE))
+
+
+def benchmark_budget(epochs: int, iterations: int) -> tuple[int, int]:
+    """(epochs, iterations per epoch) of the learning benchmark, the defaults unless set."""
+    return (int(os.environ.get(BENCHMARK_EPOCHS_VARIABLE, epochs)),
+            int(os.environ.get(BENCHMARK_ITERATIONS_VARIABLE, iterations)))
