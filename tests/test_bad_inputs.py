@@ -349,8 +349,15 @@ def make_bad_dataset(good: Path, dest: Path) -> tuple[Path, dict[str, str]]:
     write(from_array(nan_label), labels / "orphan.nii.gz")
     write(from_array(nan_image * 0), images / "nolabel_0000.nii.gz")
     write(from_array(nan_image * 0), images / "badname.nii.gz")
+    # one 2D slice among 3D volumes
+    slice_image = sitk.ReadImage(str(images / "tsexample_A_0000.nii.gz"))
+    slice_label = sitk.ReadImage(str(labels / "tsexample_A.nii.gz"))
+    middle = slice_image.GetSize()[2] // 2
+    write(slice_image[:, :, middle:middle + 1], images / "slice2d_0000.nii.gz")
+    write(slice_label[:, :, middle:middle + 1], labels / "slice2d.nii.gz")
     dataset_json = json.loads((bad / "dataset.json").read_text())
     dataset_json["labels"]["weird_thing"] = max(v for v in dataset_json["labels"].values()) + 1
+    dataset_json["labels"]["rectum"] = dataset_json["labels"]["liver"]
     (bad / "dataset.json").write_text(json.dumps(dataset_json))
     (bad / "imagesTs").mkdir()
     (bad / "imagesTs" / "test1_0000.nii.gz").touch()
@@ -367,6 +374,8 @@ def make_bad_dataset(good: Path, dest: Path) -> tuple[Path, dict[str, str]]:
         "numTraining": "numTraining 2",
         "weird_thing": "DSM vocabulary",
         "test1_0000.nii.gz": "empty file",
+        "slice2d_0000.nii.gz": "2D (one slice)",
+        "rectum": "several labels one id",
     }
     return bad, expected
 

@@ -493,6 +493,13 @@ def _load_dataset_json(path: Path) -> tuple[dict | None, list[InputError]]:
                                        'write "labels": {"background": 0, "<class>": 1, ...}'))
             fatal.append("labels")
         else:
+            shared = _labels_sharing_an_id(dataset_json["labels"])
+            if shared:
+                problems.append(InputError(
+                    path, f"gives several labels one id ({shared}); each voxel value must name one class.",
+                    "give every label its own id, or write regions as lists (\"liver\": [1, 2]) with "
+                    "regions_class_order"
+                ))
             try:
                 check_dsm_dataset_json(dataset_json, str(path))
             except DSMDatasetError as e:
@@ -501,6 +508,27 @@ def _load_dataset_json(path: Path) -> tuple[dict | None, list[InputError]]:
                     "edit dataset.json as described (DSM labels use the canonical names of nnunetv2_dsm.vocabulary)"
                 ))
     return (None if fatal else dataset_json), problems
+
+
+def _labels_sharing_an_id(labels: dict) -> str:
+    """'1: liver, spleen' for plain (non-region) labels that give one id to several names; '' if none."""
+    by_id: dict[int, list[str]] = {}
+    for name, value in labels.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            by_id.setdefault(value, []).append(name)
+    return "; ".join(f"{i}: {', '.join(names)}" for i, names in sorted(by_id.items()) if len(names) > 1)
+
+
+def _mixed_dimensionality_error(two_d: list[str], three_d: list[str]) -> InputError | None:
+    """A dataset whose cases mix single-slice (2D) images and 3D volumes: nnU-Net plans one kind."""
+    if not two_d or not three_d:
+        return None
+    minority, kind = (two_d, "2D (one slice)") if len(two_d) <= len(three_d) else (three_d, "3D volumes")
+    return InputError(
+        minority, f"are {kind} while the other {len(two_d) + len(three_d) - len(minority)} case(s) are "
+        f"{'3D volumes' if kind.startswith('2D') else '2D (one slice)'}; nnU-Net plans a dataset as all 2D or all 3D.",
+        "supply the complete volume of every case (or only 2D slices), e.g. the whole scan instead of one slice"
+    )
 
 
 def _check_case_images(files: Sequence[str], n_channels: int, json_path: Path, configuration: str | None = None,
@@ -645,12 +673,14 @@ def check_raw_dataset(dataset_folder: PathLike, progress: bool = True) -> list[I
             f"set numTraining to {n_image_cases}, or add the missing cases"
         ))
     orientations: dict[str, str] = {}
+    dimensionality: dict[bool, list[str]] = {True: [], False: []}
     for entry in tqdm(cases.values(), desc="Checking training cases", unit="case", disable=not progress):
         image, case_problems = _check_case_images(entry["images"], n_channels, json_path,
                                                   listed="dataset" in dataset_json)
         problems += case_problems
         if image is not None:
             orientations[entry["images"][0]] = image_orientation(image)
+            dimensionality[_is_2d_image(image)].append(entry["images"][0])
         problems += _check_label(Path(entry["label"]), image, entry["images"][0] if entry["images"] else "",
                                  allowed, json_path)
     test_dir = folder / "imagesTs"
@@ -663,6 +693,9 @@ def check_raw_dataset(dataset_folder: PathLike, progress: bool = True) -> list[I
             problems += case_problems
             if image is not None:
                 orientations[files[0]] = image_orientation(image)
+    mixed = _mixed_dimensionality_error(dimensionality[True], dimensionality[False])
+    if mixed is not None:
+        problems.append(mixed)
     mixed = mixed_orientation_error(orientations)
     if mixed is not None:
         problems.append(mixed)
