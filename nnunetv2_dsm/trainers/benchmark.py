@@ -102,3 +102,9 @@ class DSMTrainer_Benchmark_bgQuery(DSMTrainer_Benchmark):
     """The benchmark's DSM run with a background query: class masks relative to it, a background k-means cluster."""
 
     arch_overrides = {"background_query": True}
+
+
+class DSMTrainer_Benchmark_bgQuery_updateDrop(DSMTrainer_Benchmark):
+    """The benchmark's DSM run with a background query and stochastic depth (p = 0.5) on the k-means updates."""
+
+    arch_overrides = {"background_query": True, "update_dropout": 0.5}
