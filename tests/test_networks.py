@@ -85,7 +85,8 @@ def test_output_shapes(dim: int, num_kmmm_layers: int) -> None:
         assert out.shape == (2, 3, *stage_shape(patch, strides, stage))
     torch.testing.assert_close(outputs[0], single)
 
-    assert set(extras) == {"queries", "class_logits", "responses", "pixel_embedding", "features"}
+    assert set(extras) == {"queries", "background_query", "class_logits", "responses", "pixel_embedding", "features"}
+    assert extras["background_query"] is None
     assert extras["queries"].shape == (2, 3, QUERY_DIM)
     assert extras["class_logits"].shape == (2, 3)
     assert extras["pixel_embedding"].shape == (2, net.encoder.output_channels[0], *patch)

@@ -85,7 +85,7 @@ class DSMNetwork(nn.Module):
         use_kmeans: bool = True,
         use_ssm: bool = True,
         ffn_dim: int = 256,
-        num_heads: int = 4,
+        num_heads: int = 8,
         kmeans_void: bool = False,
         update_queries: bool = True,
         background_query: bool = False,
@@ -102,6 +102,7 @@ class DSMNetwork(nn.Module):
         self.n_stages = n_stages
         self.num_classes = num_classes
         self.num_kmmm_layers = num_kmmm_layers
+        self.query_dim, self.num_heads, self.ffn_dim = query_dim, num_heads, ffn_dim
         # Same attribute names as ResidualEncoderUNet so ResEnc checkpoints map onto encoder/decoder.
         self.key_to_encoder = "encoder.stages"
         self.key_to_stem = "encoder.stem"

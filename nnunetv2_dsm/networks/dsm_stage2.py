@@ -140,55 +140,26 @@ class DSMStage2Network(DSMNetwork):
         self,
         input_channels: int,
         num_classes: int,
-        n_stages: int,
-        features_per_stage: int | list[int] | tuple[int, ...],
-        conv_op: type[nn.Module],
-        kernel_sizes: int | list | tuple,
-        strides: int | list | tuple,
-        n_blocks_per_stage: int | list[int] | tuple[int, ...],
-        n_conv_per_stage_decoder: int | list[int] | tuple[int, ...],
-        conv_bias: bool = False,
-        norm_op: type[nn.Module] | None = None,
-        norm_op_kwargs: dict | None = None,
-        dropout_op: type[nn.Module] | None = None,
-        dropout_op_kwargs: dict | None = None,
-        nonlin: type[nn.Module] | None = None,
-        nonlin_kwargs: dict | None = None,
-        deep_supervision: bool = False,
-        num_kmmm_layers: int = 4,
-        query_dim: int = 128,
-        ssm_d_state: int = 16,
-        ssm_expand: int = 2,
-        ssm_bidirectional: bool = True,
-        use_kmeans: bool = True,
-        use_ssm: bool = True,
-        ffn_dim: int = 256,
-        num_heads: int = 4,
-        num_tumour_queries: int = 20,
-        text_dim: int = 384,
-        temperature: float = 0.01,
-        dqr_steps: int = 3,
-        use_amvp: bool = True,
-        use_dqr: bool = True,
-        use_text: bool = True,
-        organ_channels: list[int] | None = None,
-        kmeans_void: bool = False,
-        background_query: bool = False,
+        *stage1_args: Any,
+        num_tumour_queries: int = STAGE2_DEFAULTS["num_tumour_queries"],
+        text_dim: int = STAGE2_DEFAULTS["text_dim"],
+        temperature: float = STAGE2_DEFAULTS["temperature"],
+        dqr_steps: int = STAGE2_DEFAULTS["dqr_steps"],
+        use_amvp: bool = STAGE2_DEFAULTS["use_amvp"],
+        use_dqr: bool = STAGE2_DEFAULTS["use_dqr"],
+        use_text: bool = STAGE2_DEFAULTS["use_text"],
+        organ_channels: list[int] | None = STAGE2_DEFAULTS["organ_channels"],
+        **stage1_kwargs: Any,
     ) -> None:
-        super().__init__(
-            input_channels, num_classes, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
-            n_blocks_per_stage, n_conv_per_stage_decoder, conv_bias, norm_op, norm_op_kwargs, dropout_op,
-            dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision, num_kmmm_layers, query_dim, ssm_d_state,
-            ssm_expand, ssm_bidirectional, use_kmeans, use_ssm, ffn_dim, num_heads,
-            kmeans_void=kmeans_void, background_query=background_query,
-        )
+        # Stage 1's constructor with its own arguments (DSMNetwork); stage 2 only adds the keywords above.
+        super().__init__(input_channels, num_classes, *stage1_args, **stage1_kwargs)
         self.export_anomaly = False
         # ModuleDict only to give the stage-2 keys the ``.seg_layers.`` infix (module docstring).
         self.stage2 = nn.ModuleDict(
             {
                 "seg_layers": TumourQueryDecoder(
-                    num_classes, len(self.kmmm_layers), query_dim, num_tumour_queries, text_dim, temperature,
-                    dqr_steps, num_heads, ffn_dim, use_amvp, use_dqr, use_text, organ_channels,
+                    num_classes, len(self.kmmm_layers), self.query_dim, num_tumour_queries, text_dim, temperature,
+                    dqr_steps, self.num_heads, self.ffn_dim, use_amvp, use_dqr, use_text, organ_channels,
                 )
             }
         )
