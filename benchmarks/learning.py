@@ -79,6 +79,22 @@ def run(cmd: list[str], env: dict, log) -> float:
     return cpu
 
 
+def run_until(cmd: list[str], env: dict, log, learning_log: Path, epochs: int) -> float:
+    """Run a training until its learning log holds ``epochs`` epochs, then stop it; returns its CPU seconds."""
+    learning_log.unlink(missing_ok=True)
+    log.write(f"$ {' '.join(cmd)}  (stopped after {epochs} epochs)\n")
+    log.flush()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    while proc.poll() is None:
+        time.sleep(5)
+        if learning_log.is_file() and len(json.loads(learning_log.read_text())["epochs"]) >= epochs:
+            proc.terminate()
+            proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def dice_per_class(prediction: Path, reference: Path, labels: dict[str, int]) -> dict[str, float]:
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))
@@ -103,6 +119,8 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
         label = labels.get(name, name)
         for ax, x in zip(axes, (iterations, cpu)):
             ax.plot(x, mean_dice, "o-", color=colours.get(name), label=f"{label}: pseudo-Dice on B patches")
+            if name not in final:
+                continue
             ax.plot([x[-1]], [final[name]["mean"]], "*", markersize=14, color=colours.get(name),
                     label=f"{label}: full-volume Dice on B ({final[name]['mean']:.3f})")
     axes[0].set_xlabel("training iterations")
@@ -131,7 +149,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", type=Path, default=RESULTS / "learning_cpu.json")
+    parser.add_argument("--stop-after-epochs", type=int, default=None,
+                        help="screening: stop each training after this many epochs of the schedule (the learning "
+                             "rate follows the full --epochs schedule) and record its curve, without prediction")
+    parser.add_argument("--collect", action="store_true",
+                        help="with --stop-after-epochs: train nothing, collect the curves of runs already in WORK")
     args = parser.parse_args()
+    if args.collect and not args.stop_after_epochs:
+        parser.error("--collect needs --stop-after-epochs")
 
     work = args.work.resolve()
     raw, pre, res = work / "raw", work / "preprocessed", work / "results"
@@ -170,11 +195,22 @@ def main() -> None:
     for name in args.models:
         trainer, plans = MODELS[name]
         folder = res / DATASET / f"{trainer}__{plans}__{args.configuration}"
-        cpu_seconds[name] = run([str(BIN / "nnUNetv2_train"), DATASET_ID, args.configuration, "0", "-tr", trainer,
-                                 "-p", plans, "-device", "cpu"], env, log)
+        train = [str(BIN / "nnUNetv2_train"), DATASET_ID, args.configuration, "0", "-tr", trainer, "-p", plans,
+                 "-device", "cpu"]
+        if args.collect:
+            cpu_seconds[name] = float("nan")
+        elif args.stop_after_epochs:
+            cpu_seconds[name] = run_until(train, env, log, folder / "fold_0" / LEARNING_LOG, args.stop_after_epochs)
+        else:
+            cpu_seconds[name] = run(train, env, log)
         curves[name] = json.loads((folder / "fold_0" / LEARNING_LOG).read_text())["epochs"]
+        if args.stop_after_epochs:
+            curves[name] = curves[name][: args.stop_after_epochs]
         non_finite = [e["epoch"] for e in curves[name] if not np.isfinite(e["train_loss"])]
         status[name] = "diverged" if non_finite else "finite"
+        if args.stop_after_epochs:
+            status[name] += f", stopped after {len(curves[name])} of {args.epochs} epochs"
+            continue
         out = work / f"prediction_{name}"
         run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c",
              args.configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1", "-nps", "1"],
@@ -186,7 +222,7 @@ def main() -> None:
         "data": "real CT, two patients from the TotalSegmentator 2.18.0 sdist; labels are TotalSegmentator "
                 "model output. Trained on patient A only, tested on patient B (another scanner, never seen).",
         "iterations": args.epochs * args.iterations,
-        "cpu_seconds": {k: round(v, 1) for k, v in cpu_seconds.items()},
+        "cpu_seconds": {k: round(v, 1) if np.isfinite(v) else None for k, v in cpu_seconds.items()},
         "status": status,
         "curves": curves,
         "config": {"configuration": args.configuration, "spacing_mm": args.spacing, "epochs": args.epochs,
