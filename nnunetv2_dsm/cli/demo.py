@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from nnunetv2_dsm.data.totalseg_example import build_example_dataset
     from nnunetv2_dsm.evaluation.evaluate import evaluate_folder
     from nnunetv2_dsm.visualization import overlay_png
+    from nnunetv2_dsm.io import atomic
 
     work = Path(args.work_dir).resolve()
     raw, preprocessed, results = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                                 report_dir / f"overlay_{case}.png", names, dataset_dir / "labelsTr" / f"{case}.nii.gz")
                     for case in cases]
         report = _report(result, pictures, args, time.time() - start)
-        (report_dir / "report.md").write_text(report)
+        atomic.write_text(report_dir / "report.md", report)
         bar.update()
     print(report)
     print(f"Report: {report_dir / 'report.md'}")
