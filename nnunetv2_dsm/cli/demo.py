@@ -55,8 +55,8 @@ def _run(cmd: list[str], env: dict, log, bar: tqdm) -> None:
 def run(args: argparse.Namespace) -> int:
     from nnunetv2_dsm.data.totalseg_example import build_example_dataset
     from nnunetv2_dsm.evaluation.evaluate import evaluate_folder
-    from nnunetv2_dsm.visualization import overlay_png
     from nnunetv2_dsm.io import atomic
+    from nnunetv2_dsm.visualization import overlay_png
 
     work = Path(args.work_dir).resolve()
     raw, preprocessed, results = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
