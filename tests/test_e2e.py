@@ -259,3 +259,32 @@ def test_seeded_training_repeats_first_iteration_loss(nnunet_env, trained: Path)
         losses.append(float(out.stdout.split("LOSS")[-1]))
     assert losses[0] == losses[1], "same seed, same first-iteration loss"
     assert losses[0] != losses[2], "a different seed gives a different run"
+
+
+def test_non_finite_loss_stops_training_before_the_weights_change(nnunet_env, trained: Path) -> None:
+    """A NaN batch: train_step raises DSMNonFiniteError naming epoch and cases; no weight changes."""
+    script = textwrap.dedent(f"""
+        import torch
+        from nnunetv2.run.run_training import get_trainer_from_args
+        from nnunetv2_dsm.trainers.dsm_trainer import DSMNonFiniteError
+        trainer = get_trainer_from_args('{DATASET_ID}', '3d_fullres', 0, '{TRAINER}', '{PLANS}',
+                                        device=torch.device('cpu'))
+        trainer.initialize()
+        trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+        batch = next(trainer.dataloader_train)
+        batch['data'][:] = float('nan')
+        before = {{k: v.clone() for k, v in trainer.network.state_dict().items()}}
+        try:
+            trainer.train_step(batch)
+        except DSMNonFiniteError as err:
+            message = str(err)
+        else:
+            raise AssertionError('a NaN loss must stop training')
+        assert 'became nan in epoch 0' in message and str(batch['keys'][0]) in message, message
+        assert '--c' in message and 'learning rate' in message, message
+        after = trainer.network.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), 'weights changed'
+        print('STOPPED OK')
+    """)
+    out = run_command([sys.executable, "-c", script], nnunet_env)
+    assert "STOPPED OK" in out.stdout
