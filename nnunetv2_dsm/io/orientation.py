@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_dsm.errors import WriteError
+from nnunetv2_dsm.io.atomic import atomic_path
+
 CANONICAL = "RAS"
 # Key in dataset.json["dsm"] and in DSM plans naming the orientation the model trains in.
 ORIENTATION_KEY = "orientation"
@@ -90,7 +93,12 @@ def reorient_files(files: Sequence[str | Path], code: str, folder: str | Path) -
     out = []
     for f in files:
         target = Path(folder) / Path(f).name
-        sitk.WriteImage(reorient(sitk.ReadImage(str(f)), code), str(target))
+        image = reorient(sitk.ReadImage(str(f)), code)
+        try:
+            with atomic_path(target, check=lambda tmp: sitk.ReadImage(str(tmp))) as tmp:
+                sitk.WriteImage(image, str(tmp))
+        except RuntimeError as err:
+            raise WriteError(target, str(err).strip().splitlines()[-1] if str(err).strip() else "SimpleITK failed") from err
         out.append(target)
     return out, grid
 
