@@ -109,9 +109,13 @@ def dice_per_class(prediction: Path, reference: Path, labels: dict[str, int]) ->
 
 def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"dsm": "tab:red", "nnunet": "tab:blue", "dsm_sgd": "tab:orange", "dsm_kmeans_void": "tab:purple"}
+    colours = {"dsm": "tab:red", "nnunet": "tab:blue", "dsm_sgd": "tab:orange", "dsm_kmeans_void": "tab:purple",
+               "dsm_static_queries": "tab:green", "dsm_no_ssm": "tab:brown", "dsm_bg_query": "tab:pink",
+               "dsm_bg_query_update_drop": "tab:gray"}
     labels = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)", "dsm_sgd": "DSM, SGD everywhere",
-              "dsm_kmeans_void": "DSM, k-means void"}
+              "dsm_kmeans_void": "DSM, k-means void", "dsm_static_queries": "DSM, queries not updated per image",
+              "dsm_no_ssm": "DSM without SSM", "dsm_bg_query": "DSM, background query",
+              "dsm_bg_query_update_drop": "DSM, background query + update dropout"}
     for name, epochs in curves.items():
         iterations = [e["iterations"] for e in epochs]
         cpu = [e["cpu_seconds"] for e in epochs]
@@ -129,7 +133,7 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
         ax.set_ylabel("mean Dice over 5 organs, held-out patient B")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic.atomic_path(out_png) as tmp:
@@ -237,6 +241,12 @@ def main() -> None:
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "wall_minutes": round((time.time() - started) / 60, 1),
     }
+    if args.stop_after_epochs:
+        payload["screen"] = (
+            f"first {args.stop_after_epochs} epochs of each run on the full {args.epochs} x {args.iterations} schedule "
+            "(learning rate as in the full run); the curves are nnU-Net's validation pseudo-Dice on patches of "
+            "held-out patient B, per class in the order of 'classes'; no full-volume prediction")
+        payload["classes"] = json.loads((dataset / "dataset.json").read_text())["labels"]
     for name, dice in final.items():
         payload[f"{name}_heldout_dice"] = dice
     if {"dsm", "nnunet"} <= set(final):
