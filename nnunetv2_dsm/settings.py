@@ -8,6 +8,8 @@
 | ``DSM_SCAN_BACKEND`` | force the selective scan: ``mamba``, ``triton``, ``compiled`` or ``torch`` |
 | ``DSM_CPU_KERNELS=0`` | do not build or use the compiled CPU kernels |
 | ``DSM_DEBUG=1`` | stock nnU-Net commands show the traceback of DSM errors |
+| ``DSM_CLIP_WEIGHTS`` | local file (or hub tag) of the OpenCLIP text encoder's weights |
+| ``DSM_TEXT_ENCODER`` | text encoder of stage-2 training (overrides the trainer's ``text_encoder_spec``) |
 | ``DSM_BENCHMARK_EPOCHS``, ``DSM_BENCHMARK_ITERATIONS`` | budget of the learning benchmark's trainers |
 """
 
@@ -20,6 +22,8 @@ SKIP_CHECKS_VARIABLE = "DSM_SKIP_CHECKS"
 SCAN_BACKEND_VARIABLE = "DSM_SCAN_BACKEND"
 CPU_KERNELS_VARIABLE = "DSM_CPU_KERNELS"
 DEBUG_VARIABLE = "DSM_DEBUG"
+CLIP_WEIGHTS_VARIABLE = "DSM_CLIP_WEIGHTS"
+TEXT_ENCODER_VARIABLE = "DSM_TEXT_ENCODER"
 BENCHMARK_EPOCHS_VARIABLE = "DSM_BENCHMARK_EPOCHS"
 BENCHMARK_ITERATIONS_VARIABLE = "DSM_BENCHMARK_ITERATIONS"
 
@@ -55,6 +59,14 @@ def scan_backend_override() -> str | None:
 
 def debug() -> bool:
     return bool(os.environ.get(DEBUG_VARIABLE))
+
+
+def clip_weights() -> str | None:
+    return os.environ.get(CLIP_WEIGHTS_VARIABLE) or None
+
+
+def text_encoder_override() -> str | None:
+    return os.environ.get(TEXT_ENCODER_VARIABLE) or None
 
 
 def benchmark_budget(epochs: int, iterations: int) -> tuple[int, int]:

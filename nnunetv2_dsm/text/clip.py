@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
+from nnunetv2_dsm import settings
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.text.base import TextEncoder
 from nnunetv2_dsm.text.offline import hub_offline
 
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_TAG = "laion2b_s34b_b79k"
-WEIGHTS_ENV = "DSM_CLIP_WEIGHTS"
+WEIGHTS_ENV = settings.CLIP_WEIGHTS_VARIABLE
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
 
 
@@ -88,7 +89,7 @@ def resolve_clip_weights(
             f"unknown open_clip model {model_name!r}; built-in names include "
             f"{[m for m in open_clip.list_models() if m.startswith('ViT-B')]}"
         )
-    source = weights or os.environ.get(WEIGHTS_ENV) or None
+    source = weights or settings.clip_weights()
     origin = "argument" if weights else (f"${WEIGHTS_ENV}" if source else "default tag")
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if source is None:

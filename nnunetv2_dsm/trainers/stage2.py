@@ -26,6 +26,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunetv2_dsm import settings
 from nnunetv2_dsm.dataset_checks import class_prompt_names
 from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.networks.dsm_stage2 import STAGE2_DEFAULTS, DSMStage2Network
@@ -38,7 +39,7 @@ STAGE2_NETWORK = f"{DSMStage2Network.__module__}.{DSMStage2Network.__name__}"
 TEXT_CHECKPOINT_KEY = "dsm_text"
 TEXT_JSON = "dsm_text.json"
 TEXT_EMBEDDINGS = "dsm_text_embeddings.pt"
-TEXT_ENCODER_ENV = "DSM_TEXT_ENCODER"
+TEXT_ENCODER_ENV = settings.TEXT_ENCODER_VARIABLE
 
 
 def organ_channels(dataset_json: dict) -> list[int]:
@@ -84,7 +85,7 @@ class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        self.encoder_spec = os.environ.get(TEXT_ENCODER_ENV) or self.text_encoder_spec
+        self.encoder_spec = settings.text_encoder_override() or self.text_encoder_spec
         self.text_encoder = get_text_encoder(self.encoder_spec)
         plans = self._plans_with_stage2_kwargs(plans, configuration, dataset_json, self.text_encoder.dim)
         super().__init__(plans, configuration, fold, dataset_json, device)
