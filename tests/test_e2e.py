@@ -288,3 +288,39 @@ def test_non_finite_loss_stops_training_before_the_weights_change(nnunet_env, tr
     """)
     out = run_command([sys.executable, "-c", script], nnunet_env)
     assert "STOPPED OK" in out.stdout
+
+
+def test_posthoc_anomaly_maps_from_the_trained_model(nnunet_env, trained: Path, tmp_path: Path) -> None:
+    """anomaly-posthoc: every method's map in the input geometry, max-logit equal to -max organ logit."""
+    from nnunetv2_dsm.cli.main import main
+    from nnunetv2_dsm.inference.logits import LogitsPredictor
+
+    raw = Path(nnunet_env["nnUNet_raw"]) / DATASET
+    case = "tsexample_B"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / f"{case}_0000.nii.gz").symlink_to(raw / "imagesTr" / f"{case}_0000.nii.gz")
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "tsexample_A_0000.nii.gz").symlink_to(raw / "imagesTr" / "tsexample_A_0000.nii.gz")
+    out = tmp_path / "posthoc"
+    assert main(["anomaly-posthoc", "-m", str(trained), "-f", "0", "-i", str(inputs), "-o", str(out),
+                 "--stats-images", str(train), "--disable-tta"]) == 0
+    image = sitk.ReadImage(str(inputs / f"{case}_0000.nii.gz"))
+    maps = {m: sitk.ReadImage(str(out / m / f"{case}_anomaly.nii.gz")) for m in ("msp", "maxlogit", "energy", "sml")}
+    for written in maps.values():
+        assert written.GetSize() == image.GetSize() and np.allclose(written.GetOrigin(), image.GetOrigin())
+        assert np.isfinite(sitk.GetArrayViewFromImage(written)).all()
+    stats = json.loads((out / "sml_statistics.json").read_text())
+    assert len(stats["mean"]) == len(stats["std"]) == len(CLASSES)
+
+    import torch
+
+    predictor = LogitsPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trained), (0,), "checkpoint_final.pth")
+    logits, _ = predictor.logits([inputs / f"{case}_0000.nii.gz"])
+    assert logits.shape == (len(CLASSES), *sitk.GetArrayViewFromImage(image).shape)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(maps["maxlogit"]), -logits.max(axis=0), rtol=1e-5, atol=1e-5)
+    assert main(["anomaly-posthoc", "-m", str(trained), "-i", str(inputs), "-o", str(tmp_path / "x"),
+                 "--methods", "sml"]) == 2, "sml without --stats-images is an error"
+    assert not (tmp_path / "x").exists()

@@ -5,7 +5,8 @@ import importlib
 import sys
 
 # Subcommand modules; each exposes register(subparsers).
-SUBCOMMANDS = ("demo", "example_dataset", "check", "recipe", "merge", "synth", "predict", "anomaly", "evaluate", "leaderboard", "embed")
+SUBCOMMANDS = ("demo", "example_dataset", "check", "recipe", "merge", "synth", "predict", "anomaly", "posthoc", "evaluate",
+               "leaderboard", "embed")
 
 
 def build_parser() -> argparse.ArgumentParser:
