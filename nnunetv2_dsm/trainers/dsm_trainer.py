@@ -47,7 +47,10 @@ class DSMCheckpointError(DSMError, RuntimeError):
 
 class DSMTrainer(nnUNetTrainer):
     class_loss_weight: float = 1.0
-    # Overrides of the DSM decoder settings in the plans (ablation trainers set these).
+    # The network this trainer builds, and the settings it adds to the plans' arch_kwargs (stage 2
+    # overrides both); every ablation changes arch_overrides only.
+    network_class: type[DSMNetwork] = DSMNetwork
+    network_defaults: dict = {}
     arch_overrides: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -62,8 +65,8 @@ class DSMTrainer(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
         return get_network_from_plans(
-            configuration_manager.network_arch_class_name,
-            {**configuration_manager.network_arch_init_kwargs, **cls.arch_overrides},
+            f"{cls.network_class.__module__}.{cls.network_class.__name__}",
+            {**cls.network_defaults, **configuration_manager.network_arch_init_kwargs, **cls.arch_overrides},
             configuration_manager.network_arch_init_kwargs_req_import,
             num_input_channels,
             num_output_channels,
@@ -97,7 +100,7 @@ class DSMTrainer(nnUNetTrainer):
             return None
         arch = self.configuration_manager.network_arch_init_kwargs
         cumulative = 1 / np.cumprod(np.vstack(self.configuration_manager.pool_op_kernel_sizes), axis=0)
-        stages = DSMNetwork.deep_supervision_stages(arch["n_stages"], arch["num_kmmm_layers"])
+        stages = self.network_class.deep_supervision_stages(arch["n_stages"], arch["num_kmmm_layers"])
         return [list(cumulative[s]) for s in stages]
 
     def _build_loss(self):
@@ -225,6 +228,10 @@ def seed_from_environment() -> None:
     torch.manual_seed(seed)
 
 
+# Networks a DSM trainer's plans may name: stage 1 (the planners) or stage 2 (its trainer's results plans).
+DSM_NETWORKS = (DSM_NETWORK, "nnunetv2_dsm.networks.dsm_stage2.DSMStage2Network")
+
+
 def check_dsm_plans(plans: dict, configuration: str, trainer_name: str) -> None:
     """DSM trainers need plans written by a DSM planner; say how to make them otherwise."""
     config = plans.get("configurations", {}).get(configuration, {})
@@ -232,7 +239,7 @@ def check_dsm_plans(plans: dict, configuration: str, trainer_name: str) -> None:
     parent = config.get("inherits_from")
     if network is None and parent is not None:
         network = plans["configurations"][parent].get("architecture", {}).get("network_class_name")
-    if network != DSM_NETWORK or plans.get("label_manager") != "DSMLabelManager":
+    if network not in DSM_NETWORKS or plans.get("label_manager") != "DSMLabelManager":
         raise DSMPlansError(
             f"{trainer_name} needs plans made by a DSM planner, but plans '{plans.get('plans_name')}' "
             f"(planner {plans.get('experiment_planner_used')}) use network {network} and label manager "

@@ -20,10 +20,8 @@ import copy
 import json
 import os
 
-import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_dsm import settings
@@ -77,6 +75,8 @@ class _TextCheckpoint(nnUNetTrainer):
 class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
     """Stage-2 training; see the module docstring."""
 
+    network_class = DSMStage2Network
+    network_defaults = STAGE2_DEFAULTS
     text_encoder_spec: str = "minilm"
     # nnU-Net's SGD default is 1e-2; stage 2 fine-tunes a trained stage-1 model (paper: lower stage-2 lr).
     stage2_initial_lr: float = 1e-3
@@ -105,29 +105,10 @@ class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
             "text_dim": text_dim,
             "organ_channels": organ_channels(dataset_json),
         }
+        # The results folder's plans.json then names the network actually built.
+        architecture["network_class_name"] = STAGE2_NETWORK
         plans["configurations"][configuration]["architecture"] = architecture
         return plans
-
-    @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        return get_network_from_plans(
-            STAGE2_NETWORK,
-            {**STAGE2_DEFAULTS, **configuration_manager.network_arch_init_kwargs, **cls.arch_overrides},
-            configuration_manager.network_arch_init_kwargs_req_import,
-            num_input_channels,
-            num_output_channels,
-            allow_init=True,
-            deep_supervision=enable_deep_supervision,
-        )
-
-    def _get_deep_supervision_scales(self):
-        if not self.enable_deep_supervision:
-            return None
-        arch = self.configuration_manager.network_arch_init_kwargs
-        cumulative = 1 / np.cumprod(np.vstack(self.configuration_manager.pool_op_kernel_sizes), axis=0)
-        stages = DSMStage2Network.deep_supervision_stages(arch["n_stages"], arch["num_kmmm_layers"])
-        return [list(cumulative[s]) for s in stages]
 
     def initialize(self) -> None:
         first = not self.was_initialized
