@@ -1,7 +1,7 @@
 """Evaluation inputs: dataset labels, the case files of a predictions folder, and their checks."""
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from nnunetv2_dsm.checks.inputs import (
     check_scalar_image,
     read_image_checked,
 )
+from nnunetv2_dsm.dataset import DatasetError, DSMDataset
 from nnunetv2_dsm.errors import DSMError
 
 ANOMALY = "anomaly"
@@ -33,57 +34,16 @@ class EvaluationError(DSMError, ValueError):
     """Bad evaluation input; the message names the file and the fix."""
 
 
-@dataclass(frozen=True)
-class DatasetLabels:
-    """Classes of a dataset.json: name -> label ids whose union is the class mask."""
-
-    classes: dict[str, tuple[int, ...]]
-    file_ending: str
-    ignore_label: int | None
-    availability: dict[str, frozenset[str]] = field(default_factory=dict)
-
-    def available(self, case: str) -> frozenset[str]:
-        """Classes annotated in ``case``; a case missing from the table annotates every class."""
-        return self.availability.get(case, frozenset(self.classes))
+# The evaluation's view of a dataset is the project's one dataset model.
+DatasetLabels = DSMDataset
 
 
-def load_dataset_labels(dataset_json: Mapping[str, Any], source: str = "dataset.json") -> DatasetLabels:
-    """Parse labels, regions, ignore label and DSM class availability from a dataset.json dict."""
-    labels = dataset_json.get("labels")
-    if not isinstance(labels, Mapping) or not labels:
-        raise EvaluationError(f"{source}: 'labels' must map label names to ids, got {labels!r}")
-    classes: dict[str, tuple[int, ...]] = {}
-    ignore_label = None
-    for name, value in labels.items():
-        if name == "ignore":
-            ignore_label = int(value)
-            continue
-        ids = tuple(int(v) for v in value) if isinstance(value, list | tuple) else (int(value),)
-        if name == "background" or ids == (0,):
-            continue
-        classes[name] = ids
-    if not classes:
-        raise EvaluationError(f"{source}: 'labels' has no foreground class")
-
-    table = dataset_json.get("dsm", {}).get("class_availability", {})
-    if not isinstance(table, Mapping):
-        raise EvaluationError(
-            f"{source}: ['dsm']['class_availability'] must map case ids to lists of label names"
-        )
-    availability = {}
-    for case, names in table.items():
-        if isinstance(names, str) or not isinstance(names, Sequence):
-            raise EvaluationError(
-                f"{source}: ['dsm']['class_availability'][{case!r}] must be a list of label names, got {names!r}"
-            )
-        unknown = sorted(set(names) - set(classes) - {"background"})
-        if unknown:
-            raise EvaluationError(
-                f"{source}: ['dsm']['class_availability'][{case!r}] names unknown classes {unknown}; "
-                f"use only these label names: {list(classes)}"
-            )
-        availability[case] = frozenset(n for n in names if n in classes)
-    return DatasetLabels(classes, dataset_json.get("file_ending", ".nii.gz"), ignore_label, availability)
+def load_dataset_labels(dataset_json: Mapping[str, Any], source: str = "dataset.json") -> DSMDataset:
+    """Parse labels, regions, prompts, ignore label and DSM class availability (``DSMDataset``)."""
+    try:
+        return DSMDataset.from_json(dataset_json, source)
+    except DatasetError as err:
+        raise EvaluationError(str(err)) from err
 
 
 def _read_image(path: Path, what: str) -> sitk.Image:

@@ -50,7 +50,6 @@ from nnunetv2_dsm.evaluation.metrics import (
 )
 from nnunetv2_dsm.evaluation.roi import ROI_DESCRIPTIONS, ROI_MODES
 from nnunetv2_dsm.io import atomic as atomic_io
-from nnunetv2_dsm.vocabulary import ORGANS, TUMOUR_PARENTS
 
 
 @dataclass
@@ -88,7 +87,7 @@ class _Case:
 def _roi(ctx: _Case, name: str, mode: str) -> tuple[np.ndarray | None, str, bool]:
     """(mask, label, annotated) of the ROI for class ``name``; mask None means every voxel."""
     if mode == "parent":
-        parents = [p for p in TUMOUR_PARENTS.get(name, ()) if p in ctx.labels.classes]
+        parents = ctx.labels.parent_organs(name)
         if parents:
             label = f"parent({'+'.join(parents)})"
             if not set(parents) <= ctx.labels.available(ctx.case):
@@ -174,7 +173,7 @@ def evaluate_case(
             "folder (-i imagesTr) or choose another region of interest (--roi image or --roi parent)"
         )
 
-    anomaly_targets = [n for n in labels.classes if n not in ORGANS]
+    anomaly_targets = [n for n in labels.classes if labels.is_tumour(n)]
     for name in labels.classes:
         sources = []
         if name in scores:

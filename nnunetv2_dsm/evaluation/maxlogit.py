@@ -22,10 +22,9 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunetv2_dsm.dataset_checks import class_prompt_names
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.io.atomic import atomic_path, staged_folder
-from nnunetv2_dsm.vocabulary import is_tumour
 
 ANOMALY_SUFFIX = "_anomaly"
 
@@ -40,9 +39,9 @@ def organ_channels(dataset_json: Mapping[str, Any], num_channels: int, source: s
     Raises ``MaxLogitError`` when ``num_channels`` fits neither nnU-Net layout of this dataset.
     """
     labels = dataset_json["labels"]
-    prompt = class_prompt_names(dict(dataset_json))
-    names = list(prompt)
-    organ_names = [n for n in names if not is_tumour(prompt[n])]
+    dataset = DSMDataset.from_json(dataset_json, source)
+    names = list(dataset.classes)
+    organ_names = dataset.organs
     if not organ_names:
         raise MaxLogitError(f"dataset.json declares no organ class; {source} has nothing to take the maximum over")
     has_regions = any(isinstance(labels[n], list | tuple) and len(labels[n]) > 1 for n in names)

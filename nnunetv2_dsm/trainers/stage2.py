@@ -25,13 +25,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_dsm import settings
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.dataset_checks import class_prompt_names
 from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.networks.dsm_stage2 import STAGE2_DEFAULTS, DSMStage2Network
 from nnunetv2_dsm.text import class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
 from nnunetv2_dsm.trainers.variants import _NoMirroring, _ShortSchedule
-from nnunetv2_dsm.vocabulary import is_tumour, prompt_for
+from nnunetv2_dsm.vocabulary import prompt_for
 
 STAGE2_NETWORK = f"{DSMStage2Network.__module__}.{DSMStage2Network.__name__}"
 TEXT_CHECKPOINT_KEY = "dsm_text"
@@ -42,9 +43,8 @@ TEXT_ENCODER_ENV = settings.TEXT_ENCODER_VARIABLE
 
 def organ_channels(dataset_json: dict) -> list[int]:
     """Output channels (foreground label order) whose class is not a tumour type; all when none is."""
-    names = list(class_prompt_names(dataset_json).values())
-    organs = [i for i, name in enumerate(names) if not is_tumour(name)]
-    return organs or list(range(len(names)))
+    dataset = DSMDataset.from_json(dataset_json)
+    return dataset.organ_indices or list(range(len(dataset.classes)))
 
 
 def _atomic_write(path: str, write) -> None:
