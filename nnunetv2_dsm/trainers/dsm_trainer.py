@@ -190,19 +190,16 @@ class DSMTrainer(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         """nnU-Net's loading; a file that torch cannot read is a ``DSMCheckpointError`` naming it."""
-        if isinstance(filename_or_checkpoint, str):
-            if not self.was_initialized:
-                self.initialize()
-            try:
-                filename_or_checkpoint = torch.load(filename_or_checkpoint, map_location=self.device,
-                                                    weights_only=False)
-            except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
-                raise DSMCheckpointError(
-                    f"{filename_or_checkpoint}: not a readable checkpoint ({type(err).__name__}: {err}); it is "
-                    "truncated or not a torch checkpoint. Delete it to continue from checkpoint_latest.pth / "
-                    "checkpoint_best.pth (nnUNetv2_train --c picks the next one), or train without --c"
-                ) from err
-        super().load_checkpoint(filename_or_checkpoint)
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
+            if not isinstance(filename_or_checkpoint, str) or _readable(filename_or_checkpoint):
+                raise
+            raise DSMCheckpointError(
+                f"{filename_or_checkpoint}: not a readable checkpoint ({type(err).__name__}: {err}); it is "
+                "truncated or not a torch checkpoint. Delete it to continue from checkpoint_latest.pth / "
+                "checkpoint_best.pth (nnUNetv2_train --c picks the next one), or train without --c"
+            ) from err
 
     def save_checkpoint(self, filename: str) -> None:
         """Write to a temporary file and rename, so an interrupted save never leaves a truncated checkpoint."""
@@ -212,6 +209,14 @@ class DSMTrainer(nnUNetTrainer):
         # a killed earlier save of this checkpoint leaves its temporary behind; atomic_path removes it
         with atomic_path(filename) as tmp:
             super().save_checkpoint(str(tmp))
+
+
+def _readable(path: str) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - any failure to load means the file is not a usable checkpoint
+        return False
+    return True
 
 
 def seed_from_environment() -> None:
