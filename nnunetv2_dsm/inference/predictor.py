@@ -51,6 +51,7 @@ from nnunetv2_dsm.networks.amvp import minmax_per_case
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
 from nnunetv2_dsm.text import check_encoder_matches, class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.text.spec import spec_hint
+from nnunetv2_dsm.trainers.dsm_trainer import readable_checkpoint
 from nnunetv2_dsm.trainers.stage2 import TEXT_CHECKPOINT_KEY, TEXT_JSON, organ_channels
 from nnunetv2_dsm.vocabulary import CANONICAL, is_tumour, prompt_for
 
@@ -159,14 +160,6 @@ class TrainedClassSelection(nn.Module):
         return torch.cat([out[:, self.channels], anomaly], dim=1)
 
 
-def _readable_checkpoint(path: Path) -> bool:
-    try:
-        torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - any failure to load means the file is not a usable checkpoint
-        return False
-    return True
-
-
 def _write_image(image: sitk.Image, path: Path) -> None:
     sitk.WriteImage(image, str(path), True)
 
@@ -244,7 +237,7 @@ class DSMPredictor(nnUNetPredictor):
         try:
             super().initialize_from_trained_model_folder(str(model_folder), use_folds, checkpoint_name)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            unreadable = [f for f in use_folds if not _readable_checkpoint(model_folder / f"fold_{f}" / checkpoint_name)]
+            unreadable = [f for f in use_folds if not readable_checkpoint(model_folder / f"fold_{f}" / checkpoint_name)]
             if not unreadable:
                 raise
             raise DSMPredictionError(

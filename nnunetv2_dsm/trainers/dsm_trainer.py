@@ -193,7 +193,7 @@ class DSMTrainer(nnUNetTrainer):
         try:
             super().load_checkpoint(filename_or_checkpoint)
         except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
-            if not isinstance(filename_or_checkpoint, str) or _readable(filename_or_checkpoint):
+            if not isinstance(filename_or_checkpoint, str) or readable_checkpoint(filename_or_checkpoint):
                 raise
             raise DSMCheckpointError(
                 f"{filename_or_checkpoint}: not a readable checkpoint ({type(err).__name__}: {err}); it is "
@@ -211,7 +211,8 @@ class DSMTrainer(nnUNetTrainer):
             super().save_checkpoint(str(tmp))
 
 
-def _readable(path: str) -> bool:
+def readable_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether torch can load the file (a truncated or foreign file cannot)."""
     try:
         torch.load(path, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 - any failure to load means the file is not a usable checkpoint
