@@ -98,7 +98,8 @@ def _check_first(original):
 
             from nnunetv2_dsm.planners.dsm_planner import check_before_planning
 
-            check_before_planning(os.path.join(nnUNet_raw, convert_id_to_dataset_name(dataset_id)))
+            if nnUNet_raw is not None:  # unset: nnU-Net's own lookup below reports it
+                check_before_planning(os.path.join(nnUNet_raw, convert_id_to_dataset_name(dataset_id)))
         return original(dataset_id, *args, **kwargs)
 
     extract_fingerprint_dataset.__wrapped__ = original
