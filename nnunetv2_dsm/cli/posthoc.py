@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-METHODS = ("msp", "maxlogit", "energy", "sml")  # as nnunetv2_dsm.evaluation.posthoc.METHODS (no torch import here)
+from nnunetv2_dsm.evaluation.posthoc import METHODS  # NumPy only: --help stays free of torch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

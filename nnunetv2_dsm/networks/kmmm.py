@@ -143,14 +143,13 @@ class KMMMLayer(nn.Module):
         spatial = f.shape[2:]
         f = f.flatten(2)
         m = self.mask_logits(q, f)
-        if not self.update_queries:
-            pass  # image-independent queries (ablation): self-attention and FFN only
-        elif self.use_kmeans:
+        # update_queries=False (diagnostic): image-independent queries, self-attention and FFN only
+        if self.update_queries and self.use_kmeans:
             update = self.update_norm(self.update(kmeans_assignment(m, straight_through, self.kmeans_void), f))
             # Stochastic depth on the image-dependent update (per sample): each layer's masks must also be
             # right from the queries without it, so the answer does not rest on the update alone.
             q = q + stochastic_depth(update, self.update_dropout, "row", self.training)
-        else:
+        elif self.update_queries:
             q = self.update(q, f.transpose(1, 2), m.detach() > 0)
         attended, _ = self.self_attn(q, q, q, need_weights=False)
         q = F.gelu(q + self.self_attn_norm(attended))
