@@ -29,7 +29,7 @@ from nnunetv2_dsm.checks.inputs import (
 )
 from nnunetv2_dsm.cli import check as check_cli
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset
-from nnunetv2_dsm.dataset_checks import DSMDatasetError
+from nnunetv2_dsm.dataset import DSMDatasetError
 
 FIX = "How to fix:"
 REEXPORT = "re-export or re-download"

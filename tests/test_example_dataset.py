@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from nnunetv2_dsm.data import fetch
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset, read_ct
-from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
+from nnunetv2_dsm.dataset import DSMDataset, DSMDatasetError
 from nnunetv2_dsm.io.orientation import image_orientation
 from nnunetv2_dsm.vocabulary import CANONICAL
 
@@ -34,7 +34,7 @@ def test_recipe_writes_canonical_nnunet_dataset(example_dataset: Path, example_c
     assert cases == ["tsexample_A", "tsexample_B"]
     assert dataset_json["numTraining"] == len(cases)
     assert dataset_json["dsm"]["patients"] == {"B": ["tsexample_B"], "A": ["tsexample_A"]}
-    check_dsm_dataset_json(dataset_json, "dataset.json")
+    DSMDataset.from_json(dataset_json).require_prompts()
 
     # The DICOM series is stored LPS; the dataset stores every case RAS (same voxels, axes flipped).
     dicom = sitk.DICOMOrient(read_ct(example_ct_dir / "example_ct_dicom"), "RAS")
@@ -89,12 +89,12 @@ def test_fetch_without_registry_says_what_to_do(tmp_path: Path, monkeypatch) -> 
 
 def test_dataset_without_dsm_class_names_is_refused() -> None:
     with pytest.raises(DSMDatasetError, match="dsm.*prompts"):
-        check_dsm_dataset_json({"labels": {"background": 0, "organ_a": 1}}, "Dataset5/dataset.json")
-    check_dsm_dataset_json({"labels": {"background": 0, "organ_a": 1}, "dsm": {"prompts": {"organ_a": "liver"}}},
-                           "dataset.json")
+        DSMDataset.from_json({"labels": {"background": 0, "organ_a": 1}}, "Dataset5/dataset.json").require_prompts()
+    DSMDataset.from_json({"labels": {"background": 0, "organ_a": 1},
+                          "dsm": {"prompts": {"organ_a": "liver"}}}).require_prompts()
     with pytest.raises(DSMDatasetError, match="not labels of this dataset"):
-        check_dsm_dataset_json({"labels": {"background": 0, "liver": 1},
-                                "dsm": {"class_availability": {"c1": ["spleen"]}}}, "dataset.json")
+        DSMDataset.from_json({"labels": {"background": 0, "liver": 1},
+                              "dsm": {"class_availability": {"c1": ["spleen"]}}}, "dataset.json")
 
 
 def test_dsm_planner_refuses_dataset_without_class_names(tmp_path: Path) -> None:

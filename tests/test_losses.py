@@ -6,6 +6,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
+from nnunetv2_dsm.dataset import DSMDataset, DSMDatasetError
 from nnunetv2_dsm.losses import (
     ClassPresenceBCE,
     PartialLabelDeepSupervision,
@@ -241,26 +242,31 @@ CLASSES = ["liver", "liver_tumor", "kidney_right"]
 
 def test_availability_from_keys():
     keys = ["lits_0007", "other_0002", "flare_0001", "empty_0003"]
-    available = availability_from_keys(keys, DATASET_JSON, CLASSES)
+    available = availability_from_keys(keys, DSMDataset.from_json(DATASET_JSON), CLASSES)
     expected = torch.tensor(
         [[True, True, False], [True, True, True], [True, False, True], [False, False, False]]
     )
     assert available.dtype == torch.bool
     assert torch.equal(available, expected)
-    assert torch.equal(availability_from_keys(["a", "b"], {"labels": {}}, CLASSES), torch.ones(2, 3, dtype=torch.bool))
+    without_table = DSMDataset.from_json({"labels": DATASET_JSON["labels"]})
+    assert torch.equal(availability_from_keys(["a", "b"], without_table, CLASSES), torch.ones(2, 3, dtype=torch.bool))
 
 
 def test_availability_unknown_names_raise():
-    bad = {"dsm": {"class_availability": {"case_7": ["liver", "livr", "pancreas"]}}}
-    with pytest.raises(ValueError, match=r"case_7.*\['livr', 'pancreas'\]"):
-        availability_from_keys(["other"], bad, CLASSES)
-    with pytest.raises(ValueError, match="list of label names"):
-        availability_from_keys(["case_7"], {"dsm": {"class_availability": {"case_7": "liver"}}}, CLASSES)
+    labels = DATASET_JSON["labels"]
+    bad = {"labels": labels, "dsm": {"class_availability": {"case_7": ["liver", "livr", "pancreas"]}}}
+    with pytest.raises(DSMDatasetError, match=r"case_7.*\['livr', 'pancreas'\]"):
+        DSMDataset.from_json(bad)
+    with pytest.raises(DSMDatasetError, match="list of label names"):
+        DSMDataset.from_json({"labels": labels, "dsm": {"class_availability": {"case_7": "liver"}}})
+    # A label that is not an output channel of the model (e.g. a region trained without it).
+    with pytest.raises(DSMDatasetError, match="not output channels"):
+        availability_from_keys(["lits_0007"], DSMDataset.from_json(DATASET_JSON), ["liver", "kidney_right"])
 
 
 def test_availability_drives_the_loss_end_to_end():
     keys = ["lits_0007", "flare_0001"]
-    available = availability_from_keys(keys, DATASET_JSON, CLASSES)
+    available = availability_from_keys(keys, DSMDataset.from_json(DATASET_JSON), CLASSES)
     logits, target = _inputs((2, 3, 8, 8, 8), seed=9)
     value = PartialLabelDiceBCELoss()(logits, target, available)
     value.backward()

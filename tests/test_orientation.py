@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_dsm.checks.inputs import check_raw_dataset
-from nnunetv2_dsm.dataset_checks import DSMDatasetError
+from nnunetv2_dsm.dataset import DSMDatasetError
 from nnunetv2_dsm.io.orientation import (
     file_orientation,
     image_orientation,

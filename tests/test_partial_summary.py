@@ -6,6 +6,7 @@ import SimpleITK as sitk
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.evaluation.partial_summary import mask_unannotated
 
 
@@ -34,7 +35,7 @@ def test_unannotated_pairs_are_nan_and_excluded_from_means(tmp_path):
 
     dataset_json = {"labels": {"background": 0, "liver": 1, "kidney_right": 2}, "file_ending": ".nii.gz",
                     "dsm": {"class_availability": {"a": ["liver"]}}}
-    summary = mask_unannotated(summary_file, dataset_json, ["liver", "kidney_right"], [(1,), (2,)])
+    summary = mask_unannotated(summary_file, DSMDataset.from_json(dataset_json), ["liver", "kidney_right"], [(1,), (2,)])
     per_case = {e["reference_file"].split("/")[-1]: e["metrics"] for e in summary["metric_per_case"]}
     assert math.isnan(per_case["a.nii.gz"][2]["Dice"]) and per_case["a.nii.gz"][2]["annotated"] is False
     assert per_case["a.nii.gz"][1]["Dice"] == 1.0

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_dsm.dataset_checks import DSMDatasetError
+from nnunetv2_dsm.dataset import DSMDatasetError
 from nnunetv2_dsm.planners.patient_splits import patient_splits, patients_of, write_patient_splits
 
 
 def _json(patients: dict) -> dict:
-    return {"dsm": {"patients": patients}}
+    return {"labels": {"background": 0, "liver": 1}, "dsm": {"patients": patients}}
 
 
 def test_leave_one_patient_out_in_listed_order() -> None:
@@ -33,7 +33,7 @@ def test_many_patients_give_five_folds_that_never_split_a_patient() -> None:
 
 
 def test_no_patients_means_nnunet_default(tmp_path: Path) -> None:
-    assert write_patient_splits(tmp_path, {"dsm": {}}, ["a", "b"]) is None
+    assert write_patient_splits(tmp_path, _json({}), ["a", "b"]) is None
     assert not (tmp_path / "splits_final.json").exists()
 
 

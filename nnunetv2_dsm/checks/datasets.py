@@ -38,7 +38,7 @@ from nnunetv2_dsm.checks.voxels import (
     check_label_values,
     check_same_geometry,
 )
-from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
+from nnunetv2_dsm.dataset import DSMDataset, DSMDatasetError
 from nnunetv2_dsm.errors import InputError, InputErrors, raise_input_errors
 from nnunetv2_dsm.io.orientation import CANONICAL as CANONICAL_ORIENTATION
 from nnunetv2_dsm.io.orientation import image_orientation, mixed_orientations
@@ -86,7 +86,7 @@ def _load_dataset_json(path: Path) -> tuple[dict | None, list[InputError]]:
                     "regions_class_order"
                 ))
             try:
-                check_dsm_dataset_json(dataset_json, str(path))
+                DSMDataset.from_json(dataset_json, str(path)).require_prompts()
             except DSMDatasetError as e:
                 problems.append(InputError(
                     path, str(e).removeprefix(f"{path}: "),

@@ -54,6 +54,7 @@ def _run(cmd: list[str], env: dict, log, bar: tqdm) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nnunetv2_dsm.data.totalseg_example import build_example_dataset
+    from nnunetv2_dsm.dataset import DSMDataset
     from nnunetv2_dsm.evaluation.evaluate import evaluate_folder
     from nnunetv2_dsm.io import atomic
     from nnunetv2_dsm.visualization import overlay_png
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         dataset_json = json.loads((dataset_dir / "dataset.json").read_text())
         result = evaluate_folder(predictions, dataset_dir / "labelsTr", dataset_dir / "dataset.json",
                                  inputs, "body", report_dir, True)
-        names = {v: k for k, v in dataset_json["labels"].items() if k != "background"}
+        names = {ids[0]: name for name, ids in DSMDataset.from_json(dataset_json).classes.items()}
         pictures = [overlay_png(inputs / f"{case}_0000.nii.gz", predictions / f"{case}.nii.gz",
                                 report_dir / f"overlay_{case}.png", names, dataset_dir / "labelsTr" / f"{case}.nii.gz")
                     for case in cases]

@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnunetv2_dsm.evaluation.posthoc import PosthocError, write_posthoc_maps
+    from nnunetv2_dsm.evaluation.posthoc import PosthocError
+    from nnunetv2_dsm.inference.posthoc_maps import write_posthoc_maps
 
     if "sml" in args.methods and args.stats_images is None:
         raise PosthocError("sml needs --stats-images (the training images whose predictions give its statistics)")

@@ -15,7 +15,7 @@ from nnunetv2_dsm.checks.inputs import (
     check_scalar_image,
     read_image_checked,
 )
-from nnunetv2_dsm.dataset import DatasetError, DSMDataset
+from nnunetv2_dsm.dataset import DSMDataset, DSMDatasetError
 from nnunetv2_dsm.errors import DSMError
 
 ANOMALY = "anomaly"
@@ -42,7 +42,7 @@ def load_dataset_labels(dataset_json: Mapping[str, Any], source: str = "dataset.
     """Parse labels, regions, prompts, ignore label and DSM class availability (``DSMDataset``)."""
     try:
         return DSMDataset.from_json(dataset_json, source)
-    except DatasetError as err:
+    except DSMDatasetError as err:
         raise EvaluationError(str(err)) from err
 
 

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation.evaluate import METRICS_JSON
 
@@ -117,10 +118,7 @@ def _label_names(dataset_json: Path) -> dict[Any, str]:
     if not dataset_json.is_file():
         return {}
     names = {}
-    for name, value in json.loads(dataset_json.read_text())["labels"].items():
-        if name in ("background", "ignore"):
-            continue
-        ids = tuple(int(v) for v in value) if isinstance(value, list | tuple) else (int(value),)
+    for name, ids in DSMDataset.from_json(json.loads(dataset_json.read_text()), dataset_json).classes.items():
         names[ids] = name
         if len(ids) == 1:
             names[ids[0]] = name

@@ -38,17 +38,15 @@ def organ_channels(dataset_json: Mapping[str, Any], num_channels: int, source: s
 
     Raises ``MaxLogitError`` when ``num_channels`` fits neither nnU-Net layout of this dataset.
     """
-    labels = dataset_json["labels"]
     dataset = DSMDataset.from_json(dataset_json, source)
-    names = list(dataset.classes)
-    organ_names = dataset.organs
-    if not organ_names:
+    names = dataset.names
+    if not dataset.organs:
         raise MaxLogitError(f"dataset.json declares no organ class; {source} has nothing to take the maximum over")
-    has_regions = any(isinstance(labels[n], list | tuple) and len(labels[n]) > 1 for n in names)
+    has_regions = any(len(ids) > 1 for ids in dataset.classes.values())
     if num_channels == len(names):
-        return [names.index(n) for n in organ_names]
+        return dataset.organ_indices
     if num_channels == len(names) + 1 and not has_regions:
-        return [int(labels[n][0] if isinstance(labels[n], list | tuple) else labels[n]) for n in organ_names]
+        return [dataset.classes[n][0] for n in dataset.organs]
     expected = f"{len(names)} (sigmoid regions)" + ("" if has_regions else f" or {len(names) + 1} (softmax)")
     raise MaxLogitError(
         f"{source} has {num_channels} channels but this dataset.json's {len(names)} classes give {expected}; "

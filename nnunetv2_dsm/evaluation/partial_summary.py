@@ -11,22 +11,22 @@ from pathlib import Path
 import numpy as np
 from nnunetv2.evaluation.evaluate_predictions import load_summary_json, save_summary_json
 
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.io.atomic import atomic_path
-from nnunetv2_dsm.losses.availability import availability_from_keys
 
 NAN_METRICS = ("Dice", "IoU")
 
 
-def mask_unannotated(summary_file: str | os.PathLike, dataset_json: dict, class_names: list[str],
+def mask_unannotated(summary_file: str | os.PathLike, dataset: DSMDataset, class_names: list[str],
                      regions: list) -> dict:
     """Rewrite ``summary_file`` with unannotated (case, class) metrics set to nan; returns the new summary.
 
     ``regions`` are the label manager's foreground regions, in the order of ``class_names``.
     """
     summary = load_summary_json(str(summary_file))
-    ending = dataset_json.get("file_ending", ".nii.gz")
+    ending = dataset.file_ending
     cases = [Path(entry["reference_file"]).name[: -len(ending)] for entry in summary["metric_per_case"]]
-    available = availability_from_keys(cases, dataset_json, class_names).numpy()
+    available = dataset.availability_mask(cases, class_names)
     keys = [tuple(r) if isinstance(r, (list, tuple)) and len(r) > 1 else (r[0] if isinstance(r, (list, tuple)) else r)
             for r in regions]
     for entry, row in zip(summary["metric_per_case"], available):

@@ -41,18 +41,18 @@ from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
 from nnunetv2_dsm.checks.inputs import InputError, check_prediction_inputs, read_image_checked
-from nnunetv2_dsm.dataset_checks import class_prompt_names
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.io.atomic import atomic_path
+from nnunetv2_dsm.io.checkpoint import readable_checkpoint
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, reorient_files, restore_geometry
 from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
 from nnunetv2_dsm.networks.amvp import minmax_per_case
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
 from nnunetv2_dsm.text import check_encoder_matches, class_prompt_embeddings, get_text_encoder
+from nnunetv2_dsm.text.record import TEXT_CHECKPOINT_KEY, TEXT_JSON
 from nnunetv2_dsm.text.spec import spec_hint
-from nnunetv2_dsm.trainers.dsm_trainer import readable_checkpoint
-from nnunetv2_dsm.trainers.stage2 import TEXT_CHECKPOINT_KEY, TEXT_JSON, organ_channels
 from nnunetv2_dsm.vocabulary import CANONICAL, is_tumour, prompt_for
 
 ANOMALY = "anomaly"
@@ -248,8 +248,9 @@ class DSMPredictor(nnUNetPredictor):
         # nnU-Net names model folders <Trainer>__<Plans>__<configuration>.
         self.configuration_name = model_folder.resolve().name.split("__")[-1]
         network = _unwrap(self.network)
-        trained = list(class_prompt_names(self.dataset_json).values())
-        organ = organ_channels(self.dataset_json)
+        dataset = DSMDataset.from_json(self.dataset_json, model_folder / "dataset.json")
+        trained = dataset.prompt_names
+        organ = dataset.organ_channels
         if isinstance(network, DSMStage2Network) and network.tumour_decoder.class_embeddings is None:
             fold = use_folds[0] if isinstance(use_folds, (list, tuple)) else use_folds
             record = self._text_record(model_folder / f"fold_{fold}", checkpoint_name)
@@ -266,8 +267,7 @@ class DSMPredictor(nnUNetPredictor):
         labels = {"background": 0, **{slug: i + 1 for i, slug in enumerate(self.slugs)},
                   ANOMALY: len(self.slugs) + 1}
         self.label_manager = DSMLabelManager(labels, None)
-        self.training_orientation = (self.plans_manager.plans.get(ORIENTATION_KEY)
-                                     or self.dataset_json.get("dsm", {}).get(ORIENTATION_KEY))
+        self.training_orientation = self.plans_manager.plans.get(ORIENTATION_KEY) or dataset.orientation
         if self.plans_manager.image_reader_writer_class is not SimpleITKIO:
             raise DSMPredictionError(
                 f"{model_folder / 'plans.json'}: image_reader_writer is "

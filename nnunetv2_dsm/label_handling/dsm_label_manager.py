@@ -8,19 +8,21 @@ otherwise choose softmax over disjoint labels.
 import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
+from nnunetv2_dsm.dataset import DSMDataset
+
 
 class DSMLabelManager(LabelManager):
     def __init__(self, label_dict: dict, regions_class_order: list[int] | None, force_use_labels: bool = False,
                  inference_nonlin=None):
-        foreground = {k: v for k, v in label_dict.items() if k not in ("background", "ignore")}
+        self._dataset = DSMDataset.from_json({"labels": label_dict})
         if regions_class_order is None:
             # Without nesting each class writes its own id; with nesting dataset.json must say the order.
-            if any(isinstance(v, (list, tuple)) and len(v) > 1 for v in foreground.values()):
+            if any(len(ids) > 1 for ids in self._dataset.classes.values()):
                 raise RuntimeError(
                     "dataset.json defines nested regions but no 'regions_class_order'; add it (label ids in the "
                     "order they are written at export, organs before the tumours they contain)."
                 )
-            regions_class_order = [int(v[0] if isinstance(v, (list, tuple)) else v) for v in foreground.values()]
+            regions_class_order = [ids[0] for ids in self._dataset.classes.values()]
         super().__init__(label_dict, regions_class_order, force_use_labels, inference_nonlin)
         if not force_use_labels and not self._has_regions:
             self._has_regions = True
@@ -35,4 +37,4 @@ class DSMLabelManager(LabelManager):
     @property
     def foreground_names(self) -> list[str]:
         """Class names in output-channel order."""
-        return [k for k, v in self.label_dict.items() if k not in ("background", "ignore")]
+        return self._dataset.names

@@ -1,61 +1,24 @@
 """Per-case class availability (partial labels) and averaging over annotated (case, class) pairs.
 
 A DSM training set merges datasets that each annotate only some classes. ``dataset.json`` records
-which label names each case annotates in ``["dsm"]["class_availability"]``; a case that is not
-listed annotates every label. Losses are averaged over the available pairs only, so an
+which label names each case annotates in ``["dsm"]["class_availability"]`` (read by
+``nnunetv2_dsm.dataset.DSMDataset``); a case that is not listed annotates every label. Losses are averaged over the available pairs only, so an
 unannotated channel neither adds to the loss nor receives a gradient.
 """
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
-# A dataset label without an output channel under sigmoid (region) training: naming it in the
-# availability table is harmless, so it is accepted and ignored.
-_CHANNEL_FREE_LABELS = frozenset({"background"})
+from nnunetv2_dsm.dataset import DSMDataset
 
 
-def availability_from_keys(
-    keys: Sequence[str],
-    dataset_json: Mapping,
-    class_names: Sequence[str],
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
+def availability_from_keys(keys, dataset: DSMDataset, class_names, device: torch.device | str | None = None
+                           ) -> torch.Tensor:
     """(B, C) bool mask: entry (b, c) is True when case ``keys[b]`` annotates ``class_names[c]``.
 
-    ``class_names`` are the output channels in network order (the foreground labels or regions
-    of the dataset). The whole availability table is validated on each call so that a typo
-    surfaces on the first batch instead of when the affected case is first sampled.
+    ``class_names`` are the output channels in network order (the foreground labels or regions of the
+    dataset); the table itself was read and checked once, when ``dataset`` was built.
     """
-    channel = {name: i for i, name in enumerate(class_names)}
-    if len(channel) != len(class_names):
-        raise ValueError(f"class_names contains duplicates: {list(class_names)}")
-    table = dataset_json.get("dsm", {}).get("class_availability", {})
-    if not isinstance(table, Mapping):
-        raise ValueError(
-            "dataset.json: ['dsm']['class_availability'] must map case ids to lists of label names, "
-            f"got {type(table).__name__}"
-        )
-    for case, names in table.items():
-        if isinstance(names, str) or not isinstance(names, Sequence):
-            raise ValueError(
-                f"dataset.json: ['dsm']['class_availability'][{case!r}] must be a list of label names, "
-                f"got {names!r}"
-            )
-        unknown = sorted({n for n in names if n not in channel and n not in _CHANNEL_FREE_LABELS})
-        if unknown:
-            raise ValueError(
-                f"dataset.json: ['dsm']['class_availability'][{case!r}] names unknown classes {unknown}; "
-                f"fix the entry to use only these label names: {list(class_names)}"
-            )
-
-    available = torch.ones((len(keys), len(class_names)), dtype=torch.bool)
-    for b, key in enumerate(keys):
-        if key in table:
-            available[b] = False
-            for name in table[key]:
-                if name in channel:
-                    available[b, channel[name]] = True
+    available = torch.from_numpy(dataset.availability_mask(list(keys), list(class_names)))
     return available.to(device) if device is not None else available
 
 

@@ -18,7 +18,7 @@ from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
 from nnunetv2_dsm import settings
 from nnunetv2_dsm.checks.inputs import check_raw_dataset, mixed_orientation_error
-from nnunetv2_dsm.dataset_checks import DSMDatasetError, check_dsm_dataset_json
+from nnunetv2_dsm.dataset import DSMDataset, DSMDatasetError
 from nnunetv2_dsm.errors import raise_input_errors
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, file_orientation
 from nnunetv2_dsm.planners.patient_splits import write_patient_splits
@@ -50,7 +50,7 @@ class DSMPlanner(nnUNetPlannerResEncM):
         raw_folder = join(nnUNet_raw, maybe_convert_to_dataset_name(dataset_name_or_id))
         dataset_json_file = join(raw_folder, "dataset.json")
         check_before_planning(raw_folder)
-        check_dsm_dataset_json(load_json(dataset_json_file), dataset_json_file)
+        DSMDataset.from_json(load_json(dataset_json_file), dataset_json_file).require_prompts()
         self.training_orientation = training_orientation(raw_folder, load_json(dataset_json_file))
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from nnunetv2_dsm.dataset_checks import DSMDatasetError
+from nnunetv2_dsm.dataset import DSMDataset, DSMDatasetError
 from nnunetv2_dsm.io import atomic
 
 MAX_FOLDS = 5
@@ -24,24 +24,13 @@ MAX_FOLDS = 5
 
 def patients_of(dataset_json: dict, case_ids: list[str]) -> dict[str, list[str]] | None:
     """Ordered patient -> cases for ``case_ids`` (unlisted cases are their own patient), or None."""
-    listed = dataset_json.get("dsm", {}).get("patients")
+    listed = DSMDataset.from_json(dataset_json).patients
     if not listed:
         return None
-    if not isinstance(listed, dict) or not all(isinstance(v, list) for v in listed.values()):
-        raise DSMDatasetError("dataset.json: dsm.patients must map patient ids to lists of case ids")
     known = set(case_ids)
-    owner: dict[str, str] = {}
-    groups: dict[str, list[str]] = {}
-    for patient, cases in listed.items():
-        for case in cases:
-            if case in owner:
-                raise DSMDatasetError(f"dataset.json: case {case!r} is listed for patients {owner[case]!r} and "
-                                      f"{patient!r} in dsm.patients; list every case once")
-            owner[case] = patient
-        present = [c for c in cases if c in known]
-        if present:
-            groups[patient] = present
-    for case in sorted(known - set(owner)):
+    groups = {patient: [c for c in cases if c in known] for patient, cases in listed.items()}
+    groups = {patient: cases for patient, cases in groups.items() if cases}
+    for case in sorted(known - {c for cases in listed.values() for c in cases}):
         groups[case] = [case]
     return groups
 

@@ -20,6 +20,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_dsm import settings
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
@@ -53,7 +54,7 @@ class _BenchmarkSchedule:
         })
         if self.local_rank == 0:
             # pseudo_dice follows the label order of dataset.json (both label managers use it)
-            classes = [k for k in self.dataset_json["labels"] if k not in ("background", "ignore")]
+            classes = DSMDataset.from_json(self.dataset_json).names
             atomic.write_json(os.path.join(self.output_folder, LEARNING_LOG),
                               {"classes": classes, "epochs": self._learning_log}, strict=False)
 

@@ -18,9 +18,11 @@ from torch import autocast
 from torch._dynamo import OptimizedModule
 
 from nnunetv2_dsm import settings
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation.partial_summary import mask_unannotated
 from nnunetv2_dsm.io.atomic import atomic_path
+from nnunetv2_dsm.io.checkpoint import readable_checkpoint
 from nnunetv2_dsm.losses import (
     ClassPresenceBCE,
     PartialLabelDeepSupervision,
@@ -58,6 +60,7 @@ class DSMTrainer(nnUNetTrainer):
         check_dsm_plans(plans, configuration, type(self).__name__)
         seed_from_environment()
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dsm_dataset = DSMDataset.from_json(dataset_json)
         self.class_names = self.label_manager.foreground_names
         self.class_loss = ClassPresenceBCE()
 
@@ -113,7 +116,7 @@ class DSMTrainer(nnUNetTrainer):
         return PartialLabelDeepSupervision(loss, list(weights / weights.sum()))
 
     def _availability(self, keys) -> torch.Tensor:
-        return availability_from_keys(list(keys), self.dataset_json, self.class_names, device=self.device)
+        return availability_from_keys(keys, self.dsm_dataset, self.class_names, device=self.device)
 
     def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list, torch.Tensor | list, torch.Tensor]:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -181,9 +184,8 @@ class DSMTrainer(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         super().perform_actual_validation(save_probabilities)
         summary_file = os.path.join(self.output_folder, "validation", "summary.json")
-        if self.local_rank == 0 and self.dataset_json.get("dsm", {}).get("class_availability") \
-                and os.path.isfile(summary_file):
-            summary = mask_unannotated(summary_file, self.dataset_json, self.class_names,
+        if self.local_rank == 0 and self.dsm_dataset.partially_labelled and os.path.isfile(summary_file):
+            summary = mask_unannotated(summary_file, self.dsm_dataset, self.class_names,
                                        self.label_manager.foreground_regions)
             self.print_to_log_file("Mean Validation Dice over annotated (case, class) pairs:",
                                    summary["foreground_mean"]["Dice"])
@@ -209,15 +211,6 @@ class DSMTrainer(nnUNetTrainer):
         # a killed earlier save of this checkpoint leaves its temporary behind; atomic_path removes it
         with atomic_path(filename) as tmp:
             super().save_checkpoint(str(tmp))
-
-
-def readable_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether torch can load the file (a truncated or foreign file cannot)."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - any failure to load means the file is not a usable checkpoint
-        return False
-    return True
 
 
 def seed_from_environment() -> None:

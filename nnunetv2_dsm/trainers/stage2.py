@@ -26,25 +26,16 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_dsm import settings
 from nnunetv2_dsm.dataset import DSMDataset
-from nnunetv2_dsm.dataset_checks import class_prompt_names
 from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.networks.dsm_stage2 import STAGE2_DEFAULTS, DSMStage2Network
 from nnunetv2_dsm.text import class_prompt_embeddings, get_text_encoder
+from nnunetv2_dsm.text.record import TEXT_CHECKPOINT_KEY, TEXT_EMBEDDINGS, TEXT_JSON
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
 from nnunetv2_dsm.trainers.variants import _NoMirroring, _ShortSchedule
 from nnunetv2_dsm.vocabulary import prompt_for
 
 STAGE2_NETWORK = f"{DSMStage2Network.__module__}.{DSMStage2Network.__name__}"
-TEXT_CHECKPOINT_KEY = "dsm_text"
-TEXT_JSON = "dsm_text.json"
-TEXT_EMBEDDINGS = "dsm_text_embeddings.pt"
 TEXT_ENCODER_ENV = settings.TEXT_ENCODER_VARIABLE
-
-
-def organ_channels(dataset_json: dict) -> list[int]:
-    """Output channels (foreground label order) whose class is not a tumour type; all when none is."""
-    dataset = DSMDataset.from_json(dataset_json)
-    return dataset.organ_indices or list(range(len(dataset.classes)))
 
 
 def _atomic_write(path: str, write) -> None:
@@ -90,7 +81,7 @@ class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
         plans = self._plans_with_stage2_kwargs(plans, configuration, dataset_json, self.text_encoder.dim)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.stage2_initial_lr
-        self.prompt_names = list(class_prompt_names(dataset_json).values())
+        self.prompt_names = self.dsm_dataset.prompt_names
         self.text_embeddings = class_prompt_embeddings(self.text_encoder, self.prompt_names)
 
     def _plans_with_stage2_kwargs(self, plans: dict, configuration: str, dataset_json: dict, text_dim: int) -> dict:
@@ -103,7 +94,7 @@ class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
             **architecture["arch_kwargs"],
             **self.stage2_kwargs,
             "text_dim": text_dim,
-            "organ_channels": organ_channels(dataset_json),
+            "organ_channels": DSMDataset.from_json(dataset_json).organ_channels,
         }
         # The results folder's plans.json then names the network actually built.
         architecture["network_class_name"] = STAGE2_NETWORK
