@@ -60,7 +60,11 @@ MODELS = {
     "dsm_no_ssm": ("DSMTrainer_Benchmark_noSSM", "DSMPlansCPU"),
     "dsm_bg_query": ("DSMTrainer_Benchmark_bgQuery", "DSMPlansCPU"),
     "dsm_bg_query_update_drop": ("DSMTrainer_Benchmark_bgQuery_updateDrop", "DSMPlansCPU"),
+    # SDSeg architecture, trained from scratch (no Stable Diffusion prior): SDSegTrainer on SDSegPlansCPU
+    "sdseg": ("SDSegTrainer_Benchmark", "SDSegPlansCPU"),
 }
+# Planner of each plans file beyond DSMPlansCPU (same preprocessed data, nnU-Net's plan_experiment).
+EXTRA_PLANNERS = {"ResEncPlansCPU": "DSMBaselinePlannerCPU", "SDSegPlansCPU": "SDSegPlannerCPU"}
 
 
 def run(cmd: list[str], env: dict, log) -> float:
@@ -111,11 +115,12 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {"dsm": "tab:red", "nnunet": "tab:blue", "dsm_sgd": "tab:orange", "dsm_kmeans_void": "tab:purple",
                "dsm_static_queries": "tab:green", "dsm_no_ssm": "tab:brown", "dsm_bg_query": "tab:pink",
-               "dsm_bg_query_update_drop": "tab:gray"}
+               "dsm_bg_query_update_drop": "tab:gray", "sdseg": "tab:olive"}
     labels = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)", "dsm_sgd": "DSM, SGD everywhere",
               "dsm_kmeans_void": "DSM, k-means void", "dsm_static_queries": "DSM, queries not updated per image",
               "dsm_no_ssm": "DSM without SSM", "dsm_bg_query": "DSM, background query",
-              "dsm_bg_query_update_drop": "DSM, background query + update dropout"}
+              "dsm_bg_query_update_drop": "DSM, background query + update dropout",
+              "sdseg": "SDSeg (from scratch)"}
     for name, epochs in curves.items():
         iterations = [e["iterations"] for e in epochs]
         cpu = [e["cpu_seconds"] for e in epochs]
@@ -141,6 +146,28 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     plt.close(fig)
 
 
+def merge_earlier(payload: dict, earlier: dict, models_now: list[str]) -> None:
+    """Keep the results of models not run now (from ``earlier``, the previous --out file), marked as such."""
+    per_model = ("cpu_seconds", "status", "curves", "iterations_per_model")
+    kept = [m for m in earlier.get("curves", {}) if m not in models_now]
+    for key in per_model:
+        for model in kept:
+            if model in earlier.get(key, {}):
+                payload.setdefault(key, {})[model] = earlier[key][model]
+    for model in kept:
+        payload.setdefault("iterations_per_model", {}).setdefault(model, earlier.get("iterations"))
+        for suffix in ("_heldout_dice", "_seed_to_seed_dice"):
+            if model + suffix in earlier:
+                payload[model + suffix] = earlier[model + suffix]
+    if kept:
+        payload["earlier_runs"] = {**earlier.get("earlier_runs", {}),
+                                   **{m: {"command": earlier.get("command"), "trainers": earlier.get("config", {}).get(
+                                       "trainers", {}).get(m)} for m in kept if m not in earlier.get("earlier_runs", {})}}
+    for key in ("ratio_dsm_over_nnunet_mean_dice",):
+        if key in earlier and key not in payload:
+            payload[key] = earlier[key]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for nnUNet_raw/preprocessed/results")
@@ -149,6 +176,12 @@ def main() -> None:
                         help="target spacing (nnU-Net's -overwrite_target_spacing); patient A is stored at 3 mm")
     parser.add_argument("--epochs", type=int, default=DSMTrainer_Benchmark.epochs)
     parser.add_argument("--iterations", type=int, default=DSMTrainer_Benchmark.iterations)
+    parser.add_argument("--sdseg-epochs", type=int, default=6,
+                        help="SDSeg's epochs (of --iterations each): a step costs about 2.5x nnU-Net's, so 6 x 250 "
+                             "iterations use about the CPU seconds of nnU-Net's 16 x 250 (see cpu_seconds)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the results of models not run now from the existing --out file (they are "
+                             "listed under 'earlier_runs' with the command that made them)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -182,8 +215,10 @@ def main() -> None:
     if not plans_file.exists():
         run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", DATASET_ID, "-pl", "DSMPlannerCPU", "-c",
              args.configuration, "-np", "1", "-overwrite_target_spacing", *spacing], env, log)
-        run([str(BIN / "nnUNetv2_plan_experiment"), "-d", DATASET_ID, "-pl", "DSMBaselinePlannerCPU",
-             "-overwrite_target_spacing", *spacing], env, log)
+    for plans_name, planner in EXTRA_PLANNERS.items():
+        if not (pre / DATASET / f"{plans_name}.json").exists():
+            run([str(BIN / "nnUNetv2_plan_experiment"), "-d", DATASET_ID, "-pl", planner,
+                 "-overwrite_target_spacing", *spacing], env, log)
     splits = json.loads((pre / DATASET / "splits_final.json").read_text())
     assert splits[0]["val"] == [HELD_OUT] and HELD_OUT not in splits[0]["train"], splits[0]
 
@@ -195,18 +230,22 @@ def main() -> None:
     labels = {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()
               if k != "background"}
 
-    curves, final, cpu_seconds, status = {}, {}, {}, {}
+    curves, final, cpu_seconds, status, iterations, seed_agreement = {}, {}, {}, {}, {}, {}
     for name in args.models:
         trainer, plans = MODELS[name]
         folder = res / DATASET / f"{trainer}__{plans}__{args.configuration}"
         train = [str(BIN / "nnUNetv2_train"), DATASET_ID, args.configuration, "0", "-tr", trainer, "-p", plans,
                  "-device", "cpu"]
+        epochs = args.sdseg_epochs if name == "sdseg" else args.epochs
+        iterations[name] = epochs * args.iterations
+        model_env = {**env, "DSM_BENCHMARK_EPOCHS": str(epochs)}
         if args.collect:
             cpu_seconds[name] = float("nan")
         elif args.stop_after_epochs:
-            cpu_seconds[name] = run_until(train, env, log, folder / "fold_0" / LEARNING_LOG, args.stop_after_epochs)
+            cpu_seconds[name] = run_until(train, model_env, log, folder / "fold_0" / LEARNING_LOG,
+                                          args.stop_after_epochs)
         else:
-            cpu_seconds[name] = run(train, env, log)
+            cpu_seconds[name] = run(train, model_env, log)
         curves[name] = json.loads((folder / "fold_0" / LEARNING_LOG).read_text())["epochs"]
         if args.stop_after_epochs:
             curves[name] = curves[name][: args.stop_after_epochs]
@@ -221,11 +260,19 @@ def main() -> None:
             env, log)
         final[name] = dice_per_class(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
         print(f"  {name}: held-out Dice {final[name]}", flush=True)
+        if name == "sdseg":
+            # SDSeg's answer starts from noise: predict again from another seed and compare the two.
+            other = work / f"prediction_{name}_seed1"
+            run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(other), "-d", DATASET_ID, "-c",
+                 args.configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1",
+                 "-nps", "1"], {**env, "DSM_SDSEG_NOISE_SEED": "1"}, log)
+            seed_agreement[name] = dice_per_class(other / f"{HELD_OUT}.nii.gz", out / f"{HELD_OUT}.nii.gz", labels)
 
     payload = {
         "data": "real CT, two patients from the TotalSegmentator 2.18.0 sdist; labels are TotalSegmentator "
                 "model output. Trained on patient A only, tested on patient B (another scanner, never seen).",
         "iterations": args.epochs * args.iterations,
+        "iterations_per_model": iterations,
         "cpu_seconds": {k: round(v, 1) if np.isfinite(v) else None for k, v in cpu_seconds.items()},
         "status": status,
         "curves": curves,
@@ -249,11 +296,16 @@ def main() -> None:
         payload["classes"] = json.loads((dataset / "dataset.json").read_text())["labels"]
     for name, dice in final.items():
         payload[f"{name}_heldout_dice"] = dice
+    for name, dice in seed_agreement.items():
+        payload[f"{name}_seed_to_seed_dice"] = dice
+    if args.merge and args.out.exists():
+        merge_earlier(payload, json.loads(args.out.read_text()), args.models)
     if {"dsm", "nnunet"} <= set(final):
         payload["ratio_dsm_over_nnunet_mean_dice"] = round(final["dsm"]["mean"] / max(final["nnunet"]["mean"], 1e-6), 4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(args.out, payload, strict=False)
-    plot(curves, final, args.out.with_suffix(".png"),
+    merged_final = {k[: -len("_heldout_dice")]: v for k, v in payload.items() if k.endswith("_heldout_dice")}
+    plot(payload["curves"], merged_final, args.out.with_suffix(".png"),
          f"Trained on patient A, Dice on held-out patient B (TotalSegmentator labels); {args.configuration}, "
          f"{args.spacing[0]:g} mm, {args.epochs}x{args.iterations} iterations, CPU {args.threads} threads")
     print(json.dumps({k: v for k, v in payload.items() if k.endswith("_heldout_dice") or k.startswith("ratio")

@@ -30,12 +30,14 @@ _COUNTERPARTS = {
     "nnunetv2.experiment_planning": "nnunetv2_dsm.planners",
     "nnunetv2.utilities.label_handling": "nnunetv2_dsm.label_handling",
 }
+# Our classes start with DSM; method classes of other papers are named after the paper.
+_PREFIXES = ("DSM", "SDSeg", "DiffuGTS")
 
 
 def _wrap(original):
     def recursive_find_python_class(folder, class_name, current_module, *args, **kwargs):
         found = original(folder, class_name, current_module, *args, **kwargs)
-        if found is not None or not class_name.startswith("DSM"):
+        if found is not None or not class_name.startswith(_PREFIXES):
             return found
         import importlib
         import os
@@ -90,7 +92,7 @@ def planner_from_argv(argv: list[str]) -> str | None:
 def _check_first(original):
     def extract_fingerprint_dataset(dataset_id, *args, **kwargs):
         planner = planner_from_argv(sys.argv)
-        if planner is not None and planner.startswith("DSM"):
+        if planner is not None and planner.startswith(_PREFIXES):
             # The DSM planners' data checks, before nnU-Net's fingerprinting reads (and may crash on or
             # silently accept) a bad case.
             from nnunetv2.paths import nnUNet_raw

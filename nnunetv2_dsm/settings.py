@@ -11,6 +11,8 @@
 | ``DSM_CLIP_WEIGHTS`` | local file (or hub tag) of the OpenCLIP text encoder's weights |
 | ``DSM_TEXT_ENCODER`` | text encoder of stage-2 training (overrides the trainer's ``text_encoder_spec``) |
 | ``DSM_BENCHMARK_EPOCHS``, ``DSM_BENCHMARK_ITERATIONS`` | budget of the learning benchmark's trainers |
+| ``DSM_SDSEG_AUTOENCODER`` | local diffusers ``AutoencoderKL`` folder (LDM/SD kl-f8) for ``SDSegTrainer`` |
+| ``DSM_SDSEG_NOISE_SEED`` | seed of SDSeg's starting noise at prediction (default: the plans' ``noise_seed``) |
 """
 
 import os
@@ -26,6 +28,8 @@ CLIP_WEIGHTS_VARIABLE = "DSM_CLIP_WEIGHTS"
 TEXT_ENCODER_VARIABLE = "DSM_TEXT_ENCODER"
 BENCHMARK_EPOCHS_VARIABLE = "DSM_BENCHMARK_EPOCHS"
 BENCHMARK_ITERATIONS_VARIABLE = "DSM_BENCHMARK_ITERATIONS"
+SDSEG_AUTOENCODER_VARIABLE = "DSM_SDSEG_AUTOENCODER"
+SDSEG_NOISE_SEED_VARIABLE = "DSM_SDSEG_NOISE_SEED"
 
 
 def cache_dir() -> Path:
@@ -73,3 +77,19 @@ def benchmark_budget(epochs: int, iterations: int) -> tuple[int, int]:
     """(epochs, iterations per epoch) of the learning benchmark, the defaults unless set."""
     return (int(os.environ.get(BENCHMARK_EPOCHS_VARIABLE, epochs)),
             int(os.environ.get(BENCHMARK_ITERATIONS_VARIABLE, iterations)))
+
+
+def sdseg_autoencoder() -> str | None:
+    """Local pretrained mask autoencoder for SDSeg (a diffusers ``AutoencoderKL`` folder), if given."""
+    value = os.environ.get(SDSEG_AUTOENCODER_VARIABLE, "").strip()
+    return value or None
+
+
+def sdseg_noise_seed(default: int) -> int:
+    value = os.environ.get(SDSEG_NOISE_SEED_VARIABLE, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{SDSEG_NOISE_SEED_VARIABLE} must be an integer, got {value!r}") from None

@@ -50,10 +50,14 @@ class DSMPlanner(nnUNetPlannerResEncM):
         raw_folder = join(nnUNet_raw, maybe_convert_to_dataset_name(dataset_name_or_id))
         dataset_json_file = join(raw_folder, "dataset.json")
         check_before_planning(raw_folder)
-        DSMDataset.from_json(load_json(dataset_json_file), dataset_json_file).require_prompts()
+        self.check_dataset_json(DSMDataset.from_json(load_json(dataset_json_file), dataset_json_file))
         self.training_orientation = training_orientation(raw_folder, load_json(dataset_json_file))
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
+
+    def check_dataset_json(self, dataset: DSMDataset) -> None:
+        """DSM trains text-aligned queries: every class needs a prompt name."""
+        dataset.require_prompts()
 
     @staticmethod
     def static_estimate_VRAM_usage(patch_size, input_channels: int, output_channels: int, arch_class_name: str,
@@ -101,15 +105,18 @@ class DSMPlannerCPU(DSMPlanner):
                  overwrite_target_spacing=None, suppress_transpose: bool = False):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
-        self.UNet_base_num_features = 8
-        self.UNet_max_features_3d = 64
-        self.UNet_max_features_2d = 64
-        self.UNet_blocks_per_stage_encoder = (1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2)
-        # Reference values scaled so the VRAM heuristic settles on patches of about 64^3 / 128^2.
-        self.UNet_reference_val_3d = 12_000_000
-        self.UNet_reference_val_2d = 1_500_000
+        use_cpu_sizes(self)
 
 
+def use_cpu_sizes(planner: DSMPlanner) -> None:
+    """The sizes of the CPU plans (every method's CPU planner uses them, so patches and batches agree)."""
+    planner.UNet_base_num_features = 8
+    planner.UNet_max_features_3d = 64
+    planner.UNet_max_features_2d = 64
+    planner.UNet_blocks_per_stage_encoder = (1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2)
+    # Reference values scaled so the VRAM heuristic settles on patches of about 64^3 / 128^2.
+    planner.UNet_reference_val_3d = 12_000_000
+    planner.UNet_reference_val_2d = 1_500_000
 
 
 def check_before_planning(raw_folder: str) -> None:

@@ -24,6 +24,7 @@ from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
+from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer
 
 LEARNING_LOG = "learning_log.json"
 
@@ -109,3 +110,14 @@ class DSMTrainer_Benchmark_bgQuery_updateDrop(DSMTrainer_Benchmark):
     """The benchmark's DSM run with a background query and stochastic depth (p = 0.5) on the k-means updates."""
 
     arch_overrides = {"background_query": True, "update_dropout": 0.5}
+
+
+class SDSegTrainer_Benchmark(_BenchmarkSchedule, SDSegTrainer):
+    """SDSeg on the learning benchmark's budget. Its validation is full single-step inference for every
+    class, so the per-epoch curve uses 10 validation batches instead of 50 (training is unchanged)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_val_iterations_per_epoch = 10
+

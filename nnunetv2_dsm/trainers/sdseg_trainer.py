@@ -1,0 +1,218 @@
+"""SDSeg trained by nnU-Net on its ``2d`` configuration (SDSeg architecture, trained from scratch).
+
+``nnUNetv2_train D 2d F -tr SDSegTrainer -p SDSegPlans`` (plans from ``SDSegPlanner``). nnU-Net's data
+loading, augmentation, patient-level folds, checkpoints, validation and export are unchanged; only
+the step differs, in two phases of one run:
+
+1. the first ``autoencoder_fraction`` (a fifth, at least one epoch) of the epochs train the mask autoencoder alone (L1
+   reconstruction of one class's {-1, 1} mask per sample); the validation pseudo-Dice of these
+   epochs is the autoencoder's *reconstruction* Dice, also written to the log;
+2. then the autoencoder is frozen, the scale of its latents measured (LDM's ``scale_factor``: 1 / std
+   of the mask latents of the first batch), and the vision encoder and denoising UNet train on the
+   latent estimation loss (``SDSegNetwork.diffusion_loss``); validation is single-step inference.
+
+Each sample is trained for one class: with probability ``present_class_probability`` a class present
+in the patch, otherwise any class (so empty masks are learnt too). ``DSM_SDSEG_AUTOENCODER`` names a
+local diffusers ``AutoencoderKL`` folder (LDM/SD kl-f8 weights) to use instead of phase 1.
+AdamW at constant learning rate after a short warm-up, as LDM trains.
+"""
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch._dynamo import OptimizedModule
+
+from nnunetv2_dsm import settings
+from nnunetv2_dsm.errors import DSMError
+from nnunetv2_dsm.networks.sdseg import SDSegNetwork
+from nnunetv2_dsm.planners.sdseg_planner import SDSEG_NETWORK
+from nnunetv2_dsm.trainers.dsm_trainer import seed_from_environment
+from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
+
+
+class SDSegPlansError(DSMError, RuntimeError):
+    pass
+
+
+class _ConstantAfterWarmup(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warm-up over ``warmup`` epochs, then constant; ``step(epoch)`` as nnU-Net calls it."""
+
+    def __init__(self, optimizer, warmup: int):
+        super().__init__(optimizer, lambda epoch: min(1.0, (epoch + 1) / max(1, warmup)))
+
+    def step(self, epoch=None):  # nnU-Net passes the epoch
+        self.last_epoch = self.last_epoch + 1 if epoch is None else epoch
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+
+
+class SDSegTrainer(nnUNetTrainer):
+    autoencoder_fraction: float = 0.2
+    present_class_probability: float = 0.8
+    learning_rate: float = 1e-3
+    warmup_epochs: int = 1
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        network = plans.get("configurations", {}).get(configuration, {}).get("architecture", {}).get(
+            "network_class_name")
+        if network != SDSEG_NETWORK:
+            raise SDSegPlansError(
+                f"{type(self).__name__} needs plans whose '{configuration}' configuration builds {SDSEG_NETWORK} "
+                f"(it names {network}); SDSeg is a 2D method: plan with `nnUNetv2_plan_experiment -d <id> -pl "
+                "SDSegPlanner` (or SDSegPlannerCPU) and train the 2d configuration with -p SDSegPlans")
+        seed_from_environment()
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise SDSegPlansError("SDSeg conditions on one class per pass and trains on disjoint labels; "
+                                  "this dataset defines regions")
+        self.enable_deep_supervision = False
+        self.initial_lr = self.learning_rate
+        self.weight_decay = 0.0
+
+    @property
+    def autoencoder_epochs(self) -> int:
+        if settings.sdseg_autoencoder():
+            return 0
+        return max(1, int(round(self.num_epochs * self.autoencoder_fraction)))
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        return get_network_from_plans(configuration_manager.network_arch_class_name,
+                                      configuration_manager.network_arch_init_kwargs,
+                                      configuration_manager.network_arch_init_kwargs_req_import,
+                                      num_input_channels, num_output_channels, allow_init=True,
+                                      deep_supervision=False)
+
+    def initialize(self) -> None:
+        first = not self.was_initialized
+        super().initialize()
+        local = settings.sdseg_autoencoder()
+        if first and local:
+            self._net().load_autoencoder(local)
+            self.print_to_log_file(f"mask autoencoder from {local} (phase 1 skipped)")
+
+    def _net(self) -> SDSegNetwork:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, _ConstantAfterWarmup(optimizer, self.warmup_epochs)
+
+    def _build_loss(self):
+        return self._net_loss
+
+    def _net_loss(self, *args, **kwargs):  # the step computes SDSeg's losses itself
+        raise RuntimeError("SDSegTrainer computes its losses in train_step / validation_step")
+
+    def _get_deep_supervision_scales(self):
+        return None
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        pass  # one output
+
+    # ---- phases ----------------------------------------------------------------------------------------
+    @property
+    def in_autoencoder_phase(self) -> bool:
+        return self.current_epoch < self.autoencoder_epochs
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        net = self._net()
+        frozen = not self.in_autoencoder_phase
+        net.autoencoder.requires_grad_(not frozen)
+        if frozen:
+            net.autoencoder.eval()
+        self.print_to_log_file("phase: " + ("mask autoencoder" if not frozen else "diffusion (autoencoder frozen)"))
+
+    def _measure_latent_scale(self, masks: torch.Tensor) -> None:
+        net = self._net()
+        if float(net.latent_scale) != 1.0:
+            return
+        with torch.no_grad():
+            z = net.autoencoder.encode(net.masks_to_autoencoder(masks)).latent_dist.sample()
+        net.latent_scale.fill_(1.0 / max(float(z.std()), 1e-6))
+        self.print_to_log_file(f"latent scale (1 / std of mask latents): {float(net.latent_scale):.4f}")
+
+    def _class_masks(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One class per sample and its binary mask; target (B, 1, H, W) label ids -> (B,), (B, 1, H, W)."""
+        k = self.label_manager.num_segmentation_heads - 1
+        labels = self.label_manager.foreground_labels
+        chosen = []
+        for b in range(target.shape[0]):
+            present = [i for i, lab in enumerate(labels) if bool((target[b] == lab).any())]
+            if present and np.random.rand() < self.present_class_probability:
+                chosen.append(present[np.random.randint(len(present))])
+            else:
+                chosen.append(np.random.randint(k))
+        classes = torch.tensor(chosen, device=target.device)
+        ids = torch.tensor(labels, device=target.device)[classes].view(-1, 1, 1, 1)
+        return classes, (target == ids).float()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        classes, masks = self._class_masks(target)
+        net = self._net()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            if self.in_autoencoder_phase:
+                loss, _ = net.autoencoder_loss(masks)
+            else:
+                self._measure_latent_scale(masks)
+                loss = net.diffusion_loss(data, masks, classes)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"SDSeg loss is {loss.item()} at epoch {self.current_epoch}")
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        net = self._net()
+        labels = self.label_manager.foreground_labels
+        with torch.no_grad():
+            if self.in_autoencoder_phase:
+                # Reconstruction Dice of every class's mask through the autoencoder.
+                masks = torch.cat([(target == lab).float() for lab in labels], 1)  # (B, K, H, W)
+                b, k = masks.shape[:2]
+                loss, recon = net.autoencoder_loss(masks.reshape(b * k, 1, *masks.shape[2:]))
+                predicted = recon.reshape(b, k, *masks.shape[2:]) > 0.5
+            else:
+                classes, masks_one = self._class_masks(target)
+                loss = net.diffusion_loss(data, masks_one, classes)
+                logits = net(data)
+                seg = logits.argmax(1)
+                predicted = torch.stack([seg == i + 1 for i in range(len(labels))], 1)
+                masks = torch.cat([(target == lab).float() for lab in labels], 1)
+        truth = masks > 0.5
+        axes = (0, 2, 3)
+        tp = (predicted & truth).sum(axes).float()
+        fp = (predicted & ~truth).sum(axes).float()
+        fn = (~predicted & truth).sum(axes).float()
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.cpu().numpy(), "fp_hard": fp.cpu().numpy(),
+                "fn_hard": fn.cpu().numpy()}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        if self.in_autoencoder_phase:
+            dice = self.logger.get_value("dice_per_class_or_region", step=-1)
+            self.print_to_log_file("autoencoder reconstruction Dice per class:", [np.round(d, 4) for d in dice])
+
+
+class SDSegTrainer_2epochs_NoMirroring(NoMirroring, ShortSchedule, SDSegTrainer):
+    """A short run for tests and smoke checks (2 epochs x 5 iterations)."""
