@@ -80,6 +80,7 @@ setup(
         "matplotlib",
         "tqdm",
         "einops",
+        "diffusers>=0.30",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff"],
