@@ -148,7 +148,7 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
 
 def merge_earlier(payload: dict, earlier: dict, models_now: list[str]) -> None:
     """Keep the results of models not run now (from ``earlier``, the previous --out file), marked as such."""
-    per_model = ("cpu_seconds", "status", "curves", "iterations_per_model")
+    per_model = ("cpu_seconds", "status", "curves", "iterations_per_model", "predict_cpu_seconds")
     kept = [m for m in earlier.get("curves", {}) if m not in models_now]
     for key in per_model:
         for model in kept:
@@ -231,6 +231,7 @@ def main() -> None:
               if k != "background"}
 
     curves, final, cpu_seconds, status, iterations, seed_agreement = {}, {}, {}, {}, {}, {}
+    predict_seconds: dict[str, float] = {}
     for name in args.models:
         trainer, plans = MODELS[name]
         folder = res / DATASET / f"{trainer}__{plans}__{args.configuration}"
@@ -255,7 +256,7 @@ def main() -> None:
             status[name] += f", stopped after {len(curves[name])} of {args.epochs} epochs"
             continue
         out = work / f"prediction_{name}"
-        run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c",
+        predict_seconds[name] = run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c",
              args.configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1", "-nps", "1"],
             env, log)
         final[name] = dice_per_class(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
@@ -273,6 +274,7 @@ def main() -> None:
                 "model output. Trained on patient A only, tested on patient B (another scanner, never seen).",
         "iterations": args.epochs * args.iterations,
         "iterations_per_model": iterations,
+        "predict_cpu_seconds": {k: round(v, 1) for k, v in predict_seconds.items()},
         "cpu_seconds": {k: round(v, 1) if np.isfinite(v) else None for k, v in cpu_seconds.items()},
         "status": status,
         "curves": curves,
