@@ -62,6 +62,7 @@ MODELS = {
     "dsm_bg_query_update_drop": ("DSMTrainer_Benchmark_bgQuery_updateDrop", "DSMPlansCPU"),
     # SDSeg architecture, trained from scratch (no Stable Diffusion prior): SDSegTrainer on SDSegPlansCPU
     "sdseg": ("SDSegTrainer_Benchmark", "SDSegPlansCPU"),
+    "sdseg_final_step": ("SDSegTrainer_Benchmark_finalStep", "SDSegPlansCPU"),
 }
 # Planner of each plans file beyond DSMPlansCPU (same preprocessed data, nnU-Net's plan_experiment).
 EXTRA_PLANNERS = {"ResEncPlansCPU": "DSMBaselinePlannerCPU", "SDSegPlansCPU": "SDSegPlannerCPU"}
@@ -115,12 +116,12 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {"dsm": "tab:red", "nnunet": "tab:blue", "dsm_sgd": "tab:orange", "dsm_kmeans_void": "tab:purple",
                "dsm_static_queries": "tab:green", "dsm_no_ssm": "tab:brown", "dsm_bg_query": "tab:pink",
-               "dsm_bg_query_update_drop": "tab:gray", "sdseg": "tab:olive"}
+               "dsm_bg_query_update_drop": "tab:gray", "sdseg": "tab:olive", "sdseg_final_step": "tab:cyan"}
     labels = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)", "dsm_sgd": "DSM, SGD everywhere",
               "dsm_kmeans_void": "DSM, k-means void", "dsm_static_queries": "DSM, queries not updated per image",
               "dsm_no_ssm": "DSM without SSM", "dsm_bg_query": "DSM, background query",
               "dsm_bg_query_update_drop": "DSM, background query + update dropout",
-              "sdseg": "SDSeg (from scratch)"}
+              "sdseg": "SDSeg (from scratch)", "sdseg_final_step": "SDSeg, 1/4 of samples at t=T-1"}
     for name, epochs in curves.items():
         iterations = [e["iterations"] for e in epochs]
         cpu = [e["cpu_seconds"] for e in epochs]
@@ -237,7 +238,7 @@ def main() -> None:
         folder = res / DATASET / f"{trainer}__{plans}__{args.configuration}"
         train = [str(BIN / "nnUNetv2_train"), DATASET_ID, args.configuration, "0", "-tr", trainer, "-p", plans,
                  "-device", "cpu"]
-        epochs = args.sdseg_epochs if name == "sdseg" else args.epochs
+        epochs = args.sdseg_epochs if name.startswith("sdseg") else args.epochs
         iterations[name] = epochs * args.iterations
         model_env = {**env, "DSM_BENCHMARK_EPOCHS": str(epochs)}
         if args.collect:
@@ -261,7 +262,7 @@ def main() -> None:
             env, log)
         final[name] = dice_per_class(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
         print(f"  {name}: held-out Dice {final[name]}", flush=True)
-        if name == "sdseg":
+        if name.startswith("sdseg"):
             # SDSeg's answer starts from noise: predict again from another seed and compare the two.
             other = work / f"prediction_{name}_seed1"
             run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(other), "-d", DATASET_ID, "-c",

@@ -66,6 +66,25 @@ def test_latent_estimation_loss_equals_its_definition() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_final_step_fraction_trains_the_inference_step() -> None:
+    net = _net()
+    x, masks, classes = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.7).float(), torch.tensor([0, 1])
+    torch.manual_seed(5)
+    loss = net.diffusion_loss(x, masks, classes, generator=torch.Generator().manual_seed(7), final_step_fraction=1.0)
+    torch.manual_seed(5)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        z0 = net.encode_masks(masks)
+    torch.randint(0, 1000, (2,), generator=generator)
+    torch.rand((2,), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    t = torch.full((2,), 999)
+    z_t = net.scheduler.add_noise(z0, noise, t)
+    eps = net.denoise(z_t, net.condition(x), t, classes)
+    expected = (eps - noise).abs().mean() + (net.predict_z0(z_t, eps, t) - z0).abs().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_single_step_inference_is_deterministic_for_a_seed() -> None:
     net = _net().eval()
     x = torch.randn(1, 1, 32, 32)

@@ -130,14 +130,21 @@ class SDSegNetwork(nn.Module):
         return self.unet(torch.cat([z_t, c], 1), t, class_labels=classes).sample
 
     def diffusion_loss(self, image: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """``|eps - eps_hat|_1 + |z0 - z0_hat|_1`` at uniformly drawn t (noise and latent estimation)."""
+                       generator: torch.Generator | None = None, final_step_fraction: float = 0.0) -> torch.Tensor:
+        """``|eps - eps_hat|_1 + |z0 - z0_hat|_1`` at uniformly drawn t (noise and latent estimation).
+
+        ``final_step_fraction`` > 0 puts that share of the samples at t = T - 1, the one step inference
+        uses (not in the paper, where t is uniform; ``SDSegTrainer_finalStep`` measures it).
+        """
         # image: (B, C, H, W), masks: (B, 1, H, W) of class ``classes`` (B,) -> scalar
         with torch.no_grad():
             z0 = self.encode_masks(masks)
         c = self.condition(image)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device,
-                          generator=generator)
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (z0.shape[0],), device=z0.device, generator=generator)
+        if final_step_fraction > 0:
+            final = torch.rand(t.shape, device=z0.device, generator=generator) < final_step_fraction
+            t = torch.where(final, torch.full_like(t, steps - 1), t)
         noise = torch.randn(z0.shape, device=z0.device, generator=generator)
         z_t = self.scheduler.add_noise(z0, noise, t)
         eps = self.denoise(z_t, c, t, classes)

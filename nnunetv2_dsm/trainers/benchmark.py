@@ -24,7 +24,7 @@ from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
-from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer
+from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer, SDSegTrainer_finalStep
 
 LEARNING_LOG = "learning_log.json"
 
@@ -120,4 +120,8 @@ class SDSegTrainer_Benchmark(_BenchmarkSchedule, SDSegTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_val_iterations_per_epoch = 10
+
+
+class SDSegTrainer_Benchmark_finalStep(SDSegTrainer_Benchmark):
+    final_step_fraction = SDSegTrainer_finalStep.final_step_fraction
 

@@ -54,6 +54,7 @@ class SDSegTrainer(nnUNetTrainer):
     present_class_probability: float = 0.8
     learning_rate: float = 1e-3
     warmup_epochs: int = 1
+    final_step_fraction: float = 0.0  # share of samples trained at t = T - 1 (paper: 0, t uniform)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -165,7 +166,7 @@ class SDSegTrainer(nnUNetTrainer):
                 loss, _ = net.autoencoder_loss(masks)
             else:
                 self._measure_latent_scale(masks)
-                loss = net.diffusion_loss(data, masks, classes)
+                loss = net.diffusion_loss(data, masks, classes, final_step_fraction=self.final_step_fraction)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"SDSeg loss is {loss.item()} at epoch {self.current_epoch}")
         if self.grad_scaler is not None:
@@ -216,3 +217,10 @@ class SDSegTrainer(nnUNetTrainer):
 
 class SDSegTrainer_2epochs_NoMirroring(NoMirroring, ShortSchedule, SDSegTrainer):
     """A short run for tests and smoke checks (2 epochs x 5 iterations)."""
+
+
+class SDSegTrainer_finalStep(SDSegTrainer):
+    """A quarter of the training samples at t = T - 1, the step single-step inference uses."""
+
+    final_step_fraction = 0.25
+
