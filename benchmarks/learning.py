@@ -43,6 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset  # noqa: E402
 from nnunetv2_dsm.io import atomic  # noqa: E402
 from nnunetv2_dsm.trainers.benchmark import LEARNING_LOG, DSMTrainer_Benchmark  # noqa: E402
+from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
@@ -123,6 +124,7 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
               "dsm_bg_query_update_drop": "DSM, background query + update dropout",
               "sdseg": "SDSeg (from scratch)", "sdseg_final_step": "SDSeg, 1/4 of samples at t=T-1"}
     for name, epochs in curves.items():
+        epochs = [e for e in epochs if e.get("phase") != "autoencoder"]  # SDSeg's reconstruction Dice
         iterations = [e["iterations"] for e in epochs]
         cpu = [e["cpu_seconds"] for e in epochs]
         mean_dice = [float(np.mean(e["pseudo_dice"])) for e in epochs]
@@ -145,6 +147,32 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     with atomic.atomic_path(out_png) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def mark_autoencoder_epochs(name: str, epochs: list[dict]) -> list[dict]:
+    """SDSeg's first epochs train its mask autoencoder: their pseudo-Dice is reconstruction Dice, not a
+    prediction, so they are marked ``phase: autoencoder`` and left out of the plotted curves."""
+    if not name.startswith("sdseg"):
+        return epochs
+    if not epochs:
+        return epochs
+    # the trainer's rule (SDSegTrainer.autoencoder_epochs) on the run's epoch count
+    total = max(e["epoch"] for e in epochs) + 1
+    first = max(1, int(round(total * SDSegTrainer.autoencoder_fraction)))
+    return [{**e, "phase": "autoencoder" if e["epoch"] < first else "diffusion"} for e in epochs]
+
+
+def replot(out: Path) -> None:
+    """Redraw the PNG of an existing results file (after marking SDSeg's autoencoder epochs)."""
+    payload = json.loads(out.read_text())
+    payload["curves"] = {k: mark_autoencoder_epochs(k, v) for k, v in payload["curves"].items()}
+    atomic.write_json(out, payload, strict=False)
+    final = {k[: -len("_heldout_dice")]: v for k, v in payload.items() if k.endswith("_heldout_dice")}
+    config = payload["config"]
+    plot(payload["curves"], final, out.with_suffix(".png"),
+         f"Trained on patient A, Dice on held-out patient B (TotalSegmentator labels); {config['configuration']}, "
+         f"{config['spacing_mm'][0]:g} mm, {config['epochs']}x{config['iterations_per_epoch']} iterations "
+         f"(SDSeg: iterations per model in the JSON), CPU {config['threads']} threads")
 
 
 def merge_earlier(payload: dict, earlier: dict, models_now: list[str]) -> None:
@@ -192,7 +220,11 @@ def main() -> None:
                              "rate follows the full --epochs schedule) and record its curve, without prediction")
     parser.add_argument("--collect", action="store_true",
                         help="with --stop-after-epochs: train nothing, collect the curves of runs already in WORK")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG of --out from its JSON")
     args = parser.parse_args()
+    if args.replot:
+        replot(args.out)
+        return
     if args.collect and not args.stop_after_epochs:
         parser.error("--collect needs --stop-after-epochs")
 
@@ -248,7 +280,7 @@ def main() -> None:
                                           args.stop_after_epochs)
         else:
             cpu_seconds[name] = run(train, model_env, log)
-        curves[name] = json.loads((folder / "fold_0" / LEARNING_LOG).read_text())["epochs"]
+        curves[name] = mark_autoencoder_epochs(name, json.loads((folder / "fold_0" / LEARNING_LOG).read_text())["epochs"])
         if args.stop_after_epochs:
             curves[name] = curves[name][: args.stop_after_epochs]
         non_finite = [e["epoch"] for e in curves[name] if not np.isfinite(e["train_loss"])]
@@ -310,7 +342,8 @@ def main() -> None:
     merged_final = {k[: -len("_heldout_dice")]: v for k, v in payload.items() if k.endswith("_heldout_dice")}
     plot(payload["curves"], merged_final, args.out.with_suffix(".png"),
          f"Trained on patient A, Dice on held-out patient B (TotalSegmentator labels); {args.configuration}, "
-         f"{args.spacing[0]:g} mm, {args.epochs}x{args.iterations} iterations, CPU {args.threads} threads")
+         f"{args.spacing[0]:g} mm, {args.epochs}x{args.iterations} iterations (SDSeg: iterations per model in the "
+         f"JSON), CPU {args.threads} threads")
     print(json.dumps({k: v for k, v in payload.items() if k.endswith("_heldout_dice") or k.startswith("ratio")
                       or k == "cpu_seconds"}, indent=1))
     print(f"written {args.out}")
