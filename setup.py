@@ -81,6 +81,7 @@ setup(
         "tqdm",
         "einops",
         "diffusers>=0.30",
+        "monai>=1.4",  # generative networks (AutoencoderKL, DiffusionModelUNet) for the 3D SDSeg
     ],
     extras_require={
         "test": ["pytest>=8", "ruff"],

@@ -156,9 +156,7 @@ def mark_autoencoder_epochs(name: str, epochs: list[dict]) -> list[dict]:
         return epochs
     if not epochs:
         return epochs
-    # the trainer's rule (SDSegTrainer.autoencoder_epochs) on the run's epoch count
-    total = max(e["epoch"] for e in epochs) + 1
-    first = max(1, int(round(total * SDSegTrainer.autoencoder_fraction)))
+    first = SDSegTrainer.autoencoder_epochs_of(max(e["epoch"] for e in epochs) + 1)
     return [{**e, "phase": "autoencoder" if e["epoch"] < first else "diffusion"} for e in epochs]
 
 

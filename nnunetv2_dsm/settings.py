@@ -13,6 +13,7 @@
 | ``DSM_BENCHMARK_EPOCHS``, ``DSM_BENCHMARK_ITERATIONS`` | budget of the learning benchmark's trainers |
 | ``DSM_SDSEG_AUTOENCODER`` | local diffusers ``AutoencoderKL`` folder (LDM/SD kl-f8) for ``SDSegTrainer`` |
 | ``DSM_SDSEG_NOISE_SEED`` | seed of SDSeg's starting noise at prediction (default: the plans' ``noise_seed``) |
+| ``DSM_SDSEG_INFERENCE_STEPS`` | SDSeg's reverse steps at prediction: 1 (single step, default) or DDIM steps |
 """
 
 import os
@@ -30,6 +31,7 @@ BENCHMARK_EPOCHS_VARIABLE = "DSM_BENCHMARK_EPOCHS"
 BENCHMARK_ITERATIONS_VARIABLE = "DSM_BENCHMARK_ITERATIONS"
 SDSEG_AUTOENCODER_VARIABLE = "DSM_SDSEG_AUTOENCODER"
 SDSEG_NOISE_SEED_VARIABLE = "DSM_SDSEG_NOISE_SEED"
+SDSEG_INFERENCE_STEPS_VARIABLE = "DSM_SDSEG_INFERENCE_STEPS"
 
 
 def cache_dir() -> Path:
@@ -85,11 +87,22 @@ def sdseg_autoencoder() -> str | None:
     return value or None
 
 
-def sdseg_noise_seed(default: int) -> int:
-    value = os.environ.get(SDSEG_NOISE_SEED_VARIABLE, "").strip()
+def _integer(variable: str, default: int, minimum: int) -> int:
+    value = os.environ.get(variable, "").strip()
     if not value:
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ValueError(f"{SDSEG_NOISE_SEED_VARIABLE} must be an integer, got {value!r}") from None
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{variable} must be an integer of at least {minimum}, got {value!r}")
+    return number
+
+
+def sdseg_noise_seed(default: int) -> int:
+    return _integer(SDSEG_NOISE_SEED_VARIABLE, default, 0)
+
+
+def sdseg_inference_steps(default: int) -> int:
+    return _integer(SDSEG_INFERENCE_STEPS_VARIABLE, default, 1)

@@ -85,6 +85,43 @@ def test_final_step_fraction_trains_the_inference_step() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_volumetric_network_from_monai() -> None:
+    torch.manual_seed(0)
+    net = SDSegNetwork(1, 3, **TINY, mask_channels=1, spatial_dims=3)
+    assert type(net.autoencoder).__module__.startswith("monai") and type(net.unet).__module__.startswith("monai")
+    x, masks = torch.randn(2, 1, 16, 16, 16), (torch.rand(2, 1, 16, 16, 16) > 0.6).float()
+    assert net.encode_masks(masks).shape == net.condition(x).shape == (2, 4, 8, 8, 8)
+    loss, recon = net.autoencoder_loss(masks)
+    assert loss.ndim == 0 and recon.shape == masks.shape
+    classes = torch.tensor([1, 0])
+    torch.manual_seed(5)
+    loss = net.diffusion_loss(x, masks, classes, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(5)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        z0 = net.encode_masks(masks)
+    t = torch.randint(0, 1000, (2,), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    abar = net.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+    eps = net.unet(torch.cat([z_t, net.condition(x)], 1), t, class_labels=classes)
+    expected = (eps - noise).abs().mean() + ((z_t - (1 - abar).sqrt() * eps) / abar.sqrt() - z0).abs().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    net.eval()
+    with torch.no_grad():
+        logits, again = net(x), net(x)
+    assert logits.shape == (2, 3, 16, 16, 16) and torch.equal(logits, again)
+    with pytest.raises(ValueError, match="2D SDSeg's only"):
+        net.load_autoencoder("/nonexistent")
+
+
+def test_kl_term_equals_diffusers_posterior_kl() -> None:
+    from nnunetv2_dsm.networks.sdseg_blocks import MaskAutoencoder
+
+    posterior = _net().autoencoder.encode(torch.randn(2, 3, 16, 16)).latent_dist
+    assert torch.allclose(MaskAutoencoder.kl(posterior.mean, posterior.std), posterior.kl(), rtol=1e-4)
+
+
 def test_single_step_inference_is_deterministic_for_a_seed() -> None:
     net = _net().eval()
     x = torch.randn(1, 1, 32, 32)
@@ -170,9 +207,58 @@ def test_stock_commands_plan_train_predict(sdseg_env: dict, tmp_path: Path) -> N
     assert set(np.unique(predicted)) <= {0, 1, 2}
 
 
+def test_stock_commands_3d(sdseg_env: dict, tmp_path: Path) -> None:
+    """The volumetric SDSeg on 3d_fullres: plans from the stock commands, then narrowed to a tiny
+    network and patch in the plans file (as a user may edit plans) so the run takes seconds."""
+    env = {**sdseg_env, "DSM_SDSEG_INFERENCE_STEPS": "2"}  # DDIM through the stock predictor
+    raw = Path(env["nnUNet_raw"]) / "Dataset990_TSExample"
+    spacing = ["8", "8", "8"]
+    run_command([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", "990", "-pl", "DSMPlannerCPU", "-c", "3d_fullres",
+                 "-np", "1", "-overwrite_target_spacing", *spacing], env)
+    run_command([str(BIN / "nnUNetv2_plan_experiment"), "-d", "990", "-pl", "SDSegPlannerCPU",
+                 "-overwrite_target_spacing", *spacing], env)
+    plans_file = Path(env["nnUNet_preprocessed"]) / "Dataset990_TSExample" / "SDSegPlansCPU.json"
+    plans = json.loads(plans_file.read_text())
+    conf = plans["configurations"]["3d_fullres"]
+    assert conf["architecture"]["network_class_name"] == "nnunetv2_dsm.networks.sdseg.SDSegNetwork"
+    assert conf["architecture"]["arch_kwargs"]["spatial_dims"] == 3
+    assert all(s % 32 == 0 for s in conf["patch_size"]), "kl-f8 autoencoder and a 3-resolution UNet divide 32"
+    conf["architecture"]["arch_kwargs"].update({"ae_channels": [8, 8], "unet_channels": [8, 16], "norm_groups": 4})
+    conf["patch_size"], conf["batch_size"] = [16, 32, 32], 2
+    plans_file.write_text(json.dumps(plans))
+
+    trainer = "SDSegTrainer3d_2epochs_NoMirroring"
+    run_command([str(BIN / "nnUNetv2_train"), "990", "3d_fullres", "0", "-tr", trainer, "-p", "SDSegPlansCPU",
+                 "-device", "cpu"], env)
+    fold = Path(env["nnUNet_results"]) / "Dataset990_TSExample" / f"{trainer}__SDSegPlansCPU__3d_fullres" / "fold_0"
+    assert "latent scale" in next(fold.glob("training_log_*.txt")).read_text()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "tsexample_B_0000.nii.gz").symlink_to(raw / "imagesTr" / "tsexample_B_0000.nii.gz")
+    out = tmp_path / "out"
+    run_command([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", "990", "-c", "3d_fullres",
+                 "-f", "0", "-tr", trainer, "-p", "SDSegPlansCPU", "-device", "cpu", "-npp", "1", "-nps", "1",
+                 "-step_size", "1"], env)
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "tsexample_B.nii.gz")))
+    assert predicted.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / "tsexample_B.nii.gz"))).shape
+    assert set(np.unique(predicted)) <= {0, 1, 2}
+
+
 def test_trainer_refuses_other_plans(sdseg_env: dict) -> None:
     script = ("from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer, SDSegPlansError\n"
               "plans = {'configurations': {'2d': {'architecture': {'network_class_name': 'x.UNet'}}}}\n"
               "try:\n    SDSegTrainer(plans, '2d', 0, {})\nexcept SDSegPlansError as e:\n    print(e)\n")
     out = run_command([sys.executable, "-c", script], sdseg_env)
-    assert "SDSegPlanner" in out.stdout and "2D method" in out.stdout
+    assert "SDSegPlanner" in out.stdout and "-p SDSegPlans" in out.stdout
+
+
+def test_trainers_refuse_the_other_dimensionality(sdseg_env: dict) -> None:
+    script = ("from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer, SDSegTrainer3d, SDSegPlansError\n"
+              "arch = {'network_class_name': 'nnunetv2_dsm.networks.sdseg.SDSegNetwork'}\n"
+              "plans = {'configurations': {'2d': {'architecture': arch}, '3d_fullres': {'architecture': "
+              "{**arch, 'arch_kwargs': {'spatial_dims': 3}}}}}\n"
+              "for cls, conf in ((SDSegTrainer, '3d_fullres'), (SDSegTrainer3d, '2d')):\n"
+              "    try:\n        cls(plans, conf, 0, {})\n    except SDSegPlansError as e:\n        print(e)\n")
+    out = run_command([sys.executable, "-c", script], sdseg_env)
+    assert "use -tr SDSegTrainer3d for '3d_fullres'" in out.stdout
+    assert "use -tr SDSegTrainer for '2d'" in out.stdout

@@ -23,17 +23,19 @@ paper's decision. ``forward`` returns nnU-Net logits (background 0, class k ``lo
 nnU-Net's sliding window, mirroring, resampling and export work unchanged: the argmax is class k
 exactly where ``p_k > 0.5`` and no other class is more probable.
 
-All blocks are diffusers' (``AutoencoderKL``, its ``Encoder``, ``UNet2DModel`` with class embeddings,
-``DDPMScheduler`` / ``DDIMScheduler``): a maintained implementation of the same LDM blocks the authors
-use, which also loads LDM/SD autoencoder weights in diffusers format.
+The paper segments CT slice by slice (``spatial_dims=2``: diffusers' ``AutoencoderKL``, ``Encoder`` and
+``UNet2DModel``, the LDM blocks the authors use, which also load LDM/SD autoencoder weights in
+diffusers format); ``spatial_dims=3`` builds the same network volumetrically from MONAI's generative
+networks (``SDSegTrainer3d``). Blocks in ``sdseg_blocks``; the noise schedules are diffusers'
+``DDPMScheduler`` / ``DDIMScheduler`` in both (they act on tensors of any shape).
 """
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.models.autoencoders.vae import Encoder
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from nnunetv2_dsm import settings
+from nnunetv2_dsm.networks.sdseg_blocks import MaskAutoencoder, build_parts, denoiser_output
 
 SDSEG_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0155,
                   "beta_schedule": "scaled_linear"}
@@ -43,53 +45,41 @@ class SDSegNetwork(nn.Module):
     def __init__(self, input_channels: int, num_classes: int, ae_channels=(16, 32, 64, 64),
                  unet_channels=(64, 128, 128), latent_channels: int = 4, mask_channels: int = 3,
                  norm_groups: int = 8, layers_per_block: int = 1, inference_steps: int = 1, noise_seed: int = 0,
-                 deep_supervision: bool = False):
-        """``num_classes`` counts nnU-Net's output channels (background included)."""
+                 deep_supervision: bool = False, spatial_dims: int = 2):
+        """``num_classes`` counts nnU-Net's output channels (background included); ``spatial_dims`` 2 builds
+        the paper's slice-wise network (diffusers), 3 the volumetric one (MONAI), see ``sdseg_blocks``."""
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"SDSeg needs at least one foreground class, got num_classes={num_classes}")
         self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
         self.latent_channels = latent_channels
         self.mask_channels = mask_channels
-        self.inference_steps = inference_steps
+        self.inference_steps = settings.sdseg_inference_steps(inference_steps)
         self.noise_seed = settings.sdseg_noise_seed(noise_seed)
         self.deep_supervision = deep_supervision  # nnU-Net sets it; SDSeg has one output
-        n_ae = len(ae_channels)
-        self.autoencoder = AutoencoderKL(
-            in_channels=mask_channels, out_channels=mask_channels, latent_channels=latent_channels,
-            down_block_types=("DownEncoderBlock2D",) * n_ae, up_block_types=("UpDecoderBlock2D",) * n_ae,
-            block_out_channels=tuple(ae_channels), layers_per_block=layers_per_block, norm_num_groups=norm_groups)
-        self.vision_encoder = nn.Sequential(
-            Encoder(in_channels=input_channels, out_channels=latent_channels,
-                    down_block_types=("DownEncoderBlock2D",) * n_ae, block_out_channels=tuple(ae_channels),
-                    layers_per_block=layers_per_block, norm_num_groups=norm_groups, double_z=True),
-            nn.Conv2d(2 * latent_channels, latent_channels, kernel_size=1))
-        n_unet = len(unet_channels)
-        self.unet = UNet2DModel(
-            in_channels=2 * latent_channels, out_channels=latent_channels,
-            down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (n_unet - 1),
-            up_block_types=("AttnUpBlock2D",) * (n_unet - 1) + ("UpBlock2D",),
-            block_out_channels=tuple(unet_channels), layers_per_block=layers_per_block,
-            norm_num_groups=norm_groups, num_class_embeds=num_classes - 1, attention_head_dim=8)
+        self.autoencoder, self.vision_encoder, self.unet = build_parts(
+            spatial_dims, input_channels, num_classes - 1, ae_channels, unet_channels, latent_channels,
+            mask_channels, norm_groups, layers_per_block)
         self.scheduler = DDPMScheduler(**SDSEG_SCHEDULE)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
         # 1 / std of the mask latents, measured when the autoencoder is frozen (LDM's scale_factor).
         self.register_buffer("latent_scale", torch.ones(()))
-        self.divisor = 2 ** (n_ae - 1) * 2 ** (n_unet - 1)
+        self.divisor = 2 ** (len(ae_channels) - 1) * 2 ** (len(unet_channels) - 1)
 
     # ---- the mask autoencoder ------------------------------------------------------------------------
     def masks_to_autoencoder(self, masks: torch.Tensor) -> torch.Tensor:
-        # masks: (B, 1, H, W) in {0, 1} -> (B, mask_channels, H, W) in {-1, 1}
-        return (masks.float() * 2 - 1).expand(-1, self.mask_channels, -1, -1)
+        # masks: (B, 1, *S) in {0, 1} -> (B, mask_channels, *S) in {-1, 1}
+        return (masks.float() * 2 - 1).expand(-1, self.mask_channels, *masks.shape[2:])
 
     def encode_masks(self, masks: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        # masks: (B, 1, H, W) -> z0: (B, latent, H/f, W/f), scaled to unit variance
-        dist = self.autoencoder.encode(self.masks_to_autoencoder(masks)).latent_dist
-        return (dist.sample() if sample else dist.mode()) * self.latent_scale
+        # masks: (B, 1, *S) -> z0: (B, latent, *S/f), scaled to unit variance
+        mean, std = MaskAutoencoder.posterior(self.autoencoder, self.masks_to_autoencoder(masks))
+        return (mean + std * torch.randn_like(std) if sample else mean) * self.latent_scale
 
     def decode_probabilities(self, z0: torch.Tensor) -> torch.Tensor:
-        # z0: (B, latent, h, w) -> p: (B, 1, h*f, w*f) in [0, 1]
-        mask = self.autoencoder.decode(z0 / self.latent_scale).sample.mean(1, keepdim=True)
+        # z0: (B, latent, *S/f) -> p: (B, 1, *S) in [0, 1]
+        mask = MaskAutoencoder.decode(self.autoencoder, z0 / self.latent_scale).mean(1, keepdim=True)
         return ((mask + 1) / 2).clamp(0, 1)
 
     def autoencoder_loss(self, masks: torch.Tensor, kl_weight: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,19 +91,21 @@ class SDSegNetwork(nn.Module):
         learns the empty mask (reconstruction Dice 0 for every organ after 250 iterations of the
         learning benchmark; with the Dice term, 0.8 on disc masks after 90 iterations).
         """
-        # masks: (B, 1, H, W) -> (scalar, (B, 1, H, W))
+        # masks: (B, 1, *S) -> (scalar, (B, 1, *S))
         target = self.masks_to_autoencoder(masks)
-        dist = self.autoencoder.encode(target).latent_dist
-        reconstruction = self.autoencoder.decode(dist.sample()).sample
+        mean, std = MaskAutoencoder.posterior(self.autoencoder, target)
+        reconstruction = MaskAutoencoder.decode(self.autoencoder, mean + std * torch.randn_like(std))
         probability = ((reconstruction.mean(1, keepdim=True) + 1) / 2).clamp(0, 1)
-        overlap = (probability * masks).sum((1, 2, 3))
-        soft_dice = (2 * overlap + 1) / (probability.sum((1, 2, 3)) + masks.sum((1, 2, 3)) + 1)
-        loss = (reconstruction - target).abs().mean() + (1 - soft_dice).mean() + kl_weight * dist.kl().mean()
+        axes = tuple(range(1, masks.ndim))
+        overlap = (probability * masks).sum(axes)
+        soft_dice = (2 * overlap + 1) / (probability.sum(axes) + masks.sum(axes) + 1)
+        kl = MaskAutoencoder.kl(mean, std)
+        loss = (reconstruction - target).abs().mean() + (1 - soft_dice).mean() + kl_weight * kl.mean()
         return loss, probability
 
     # ---- diffusion -----------------------------------------------------------------------------------
     def condition(self, image: torch.Tensor) -> torch.Tensor:
-        # image: (B, C, H, W) -> c: (B, latent, H/f, W/f)
+        # image: (B, C, *S) -> c: (B, latent, *S/f)
         return self.vision_encoder(image)
 
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -121,13 +113,13 @@ class SDSegNetwork(nn.Module):
 
     def predict_z0(self, z_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z0_hat = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t) (paper Eq. 4)."""
-        # z_t, eps: (B, latent, h, w), t: (B,) -> (B, latent, h, w)
+        # z_t, eps: (B, latent, *s), t: (B,) -> (B, latent, *s)
         abar = self._abar(t, z_t)
         return (z_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
     def denoise(self, z_t: torch.Tensor, c: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        # z_t, c: (B, latent, h, w), t, classes: (B,) (0-based foreground class) -> eps: (B, latent, h, w)
-        return self.unet(torch.cat([z_t, c], 1), t, class_labels=classes).sample
+        # z_t, c: (B, latent, *s), t, classes: (B,) (0-based foreground class) -> eps: (B, latent, *s)
+        return denoiser_output(self.unet(torch.cat([z_t, c], 1), t, class_labels=classes))
 
     def diffusion_loss(self, image: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor,
                        generator: torch.Generator | None = None, final_step_fraction: float = 0.0) -> torch.Tensor:
@@ -136,7 +128,7 @@ class SDSegNetwork(nn.Module):
         ``final_step_fraction`` > 0 puts that share of the samples at t = T - 1, the one step inference
         uses (not in the paper, where t is uniform; ``SDSegTrainer_finalStep`` measures it).
         """
-        # image: (B, C, H, W), masks: (B, 1, H, W) of class ``classes`` (B,) -> scalar
+        # image: (B, C, *S), masks: (B, 1, *S) of class ``classes`` (B,) -> scalar
         with torch.no_grad():
             z0 = self.encode_masks(masks)
         c = self.condition(image)
@@ -153,7 +145,7 @@ class SDSegNetwork(nn.Module):
     def sample_probabilities(self, image: torch.Tensor, classes: torch.Tensor | None = None,
                              steps: int | None = None, seed: int | None = None) -> torch.Tensor:
         """Per-class foreground probability: one UNet call at t = T-1 (or ``steps`` DDIM steps)."""
-        # image: (B, C, H, W) -> p: (B, K, H, W) for the K classes asked (default: all foreground classes)
+        # image: (B, C, *S) -> p: (B, K, *S) for the K classes asked (default: all foreground classes)
         steps = self.inference_steps if steps is None else steps
         seed = self.noise_seed if seed is None else seed
         b = image.shape[0]
@@ -177,7 +169,7 @@ class SDSegNetwork(nn.Module):
         return p.view(b, k, *p.shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, H, W) -> logits: (B, num_classes, H, W) (background channel 0)
+        # x: (B, C, *S) -> logits: (B, num_classes, *S) (background channel 0)
         p = self.sample_probabilities(x).clamp(1e-4, 1 - 1e-4)
         return torch.cat([torch.zeros_like(p[:, :1]), torch.logit(p)], 1)
 
@@ -188,6 +180,10 @@ class SDSegNetwork(nn.Module):
         Its latent and image channels must match this network's (``latent_channels``, ``mask_channels``);
         ``latent_scale`` becomes the model's ``scaling_factor``.
         """
+        if self.spatial_dims != 2:
+            raise ValueError(f"{folder}: a pretrained autoencoder can replace the 2D SDSeg's only (LDM/SD "
+                             "autoencoders are 2D); train the 3D one from the dataset's masks (unset "
+                             "DSM_SDSEG_AUTOENCODER)")
         autoencoder = AutoencoderKL.from_pretrained(folder, local_files_only=True)
         if (autoencoder.config.latent_channels != self.latent_channels
                 or autoencoder.config.in_channels != self.mask_channels):

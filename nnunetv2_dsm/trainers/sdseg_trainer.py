@@ -1,6 +1,8 @@
-"""SDSeg trained by nnU-Net on its ``2d`` configuration (SDSeg architecture, trained from scratch).
+"""SDSeg trained by nnU-Net (SDSeg architecture, trained from scratch): ``SDSegTrainer`` on the ``2d``
+configuration (the paper's slice-wise method), ``SDSegTrainer3d`` on a 3D one.
 
-``nnUNetv2_train D 2d F -tr SDSegTrainer -p SDSegPlans`` (plans from ``SDSegPlanner``). nnU-Net's data
+``nnUNetv2_train D 2d F -tr SDSegTrainer -p SDSegPlans`` or ``nnUNetv2_train D 3d_fullres F -tr
+SDSegTrainer3d -p SDSegPlans`` (plans from ``SDSegPlanner``). nnU-Net's data
 loading, augmentation, patient-level folds, checkpoints, validation and export are unchanged; only
 the step differs, in two phases of one run:
 
@@ -55,16 +57,25 @@ class SDSegTrainer(nnUNetTrainer):
     learning_rate: float = 1e-3
     warmup_epochs: int = 1
     final_step_fraction: float = 0.0  # share of samples trained at t = T - 1 (paper: 0, t uniform)
+    spatial_dims: int = 2  # the paper's slice-wise SDSeg; SDSegTrainer3d trains the volumetric one
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        network = plans.get("configurations", {}).get(configuration, {}).get("architecture", {}).get(
-            "network_class_name")
+        architecture = plans.get("configurations", {}).get(configuration, {}).get("architecture", {})
+        network = architecture.get("network_class_name")
+        dims = architecture.get("arch_kwargs", {}).get("spatial_dims", 2)
         if network != SDSEG_NETWORK:
             raise SDSegPlansError(
                 f"{type(self).__name__} needs plans whose '{configuration}' configuration builds {SDSEG_NETWORK} "
-                f"(it names {network}); SDSeg is a 2D method: plan with `nnUNetv2_plan_experiment -d <id> -pl "
-                "SDSegPlanner` (or SDSegPlannerCPU) and train the 2d configuration with -p SDSegPlans")
+                f"(it names {network}): plan with `nnUNetv2_plan_experiment -d <id> -pl SDSegPlanner` (or "
+                "SDSegPlannerCPU) and train with -p SDSegPlans (or SDSegPlansCPU)")
+        if dims != self.spatial_dims:
+            other = "SDSegTrainer3d" if dims == 3 else "SDSegTrainer"
+            raise SDSegPlansError(
+                f"{type(self).__name__} trains the {self.spatial_dims}D SDSeg, but configuration '{configuration}' "
+                f"of these plans builds the {dims}D one: use -tr {other} for '{configuration}', or "
+                f"{'the 2d configuration' if self.spatial_dims == 2 else 'a 3D configuration (3d_fullres)'} "
+                f"with -tr {type(self).__name__}")
         seed_from_environment()
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.label_manager.has_regions:
@@ -74,11 +85,16 @@ class SDSegTrainer(nnUNetTrainer):
         self.initial_lr = self.learning_rate
         self.weight_decay = 0.0
 
-    @property
-    def autoencoder_epochs(self) -> int:
+    @classmethod
+    def autoencoder_epochs_of(cls, num_epochs: int) -> int:
+        """Epochs of phase 1 in a run of ``num_epochs`` (none with a local autoencoder)."""
         if settings.sdseg_autoencoder():
             return 0
-        return max(1, int(round(self.num_epochs * self.autoencoder_fraction)))
+        return max(1, int(round(num_epochs * cls.autoencoder_fraction)))
+
+    @property
+    def autoencoder_epochs(self) -> int:
+        return self.autoencoder_epochs_of(self.num_epochs)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -136,12 +152,12 @@ class SDSegTrainer(nnUNetTrainer):
         if float(net.latent_scale) != 1.0:
             return
         with torch.no_grad():
-            z = net.autoencoder.encode(net.masks_to_autoencoder(masks)).latent_dist.sample()
+            z = net.encode_masks(masks)  # unscaled while latent_scale is 1
         net.latent_scale.fill_(1.0 / max(float(z.std()), 1e-6))
         self.print_to_log_file(f"latent scale (1 / std of mask latents): {float(net.latent_scale):.4f}")
 
     def _class_masks(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One class per sample and its binary mask; target (B, 1, H, W) label ids -> (B,), (B, 1, H, W)."""
+        """One class per sample and its binary mask; target (B, 1, *S) label ids -> (B,), (B, 1, *S)."""
         k = self.label_manager.num_segmentation_heads - 1
         labels = self.label_manager.foreground_labels
         chosen = []
@@ -152,7 +168,7 @@ class SDSegTrainer(nnUNetTrainer):
             else:
                 chosen.append(np.random.randint(k))
         classes = torch.tensor(chosen, device=target.device)
-        ids = torch.tensor(labels, device=target.device)[classes].view(-1, 1, 1, 1)
+        ids = torch.tensor(labels, device=target.device)[classes].view(-1, *([1] * (target.ndim - 1)))
         return classes, (target == ids).float()
 
     def train_step(self, batch: dict) -> dict:
@@ -189,7 +205,7 @@ class SDSegTrainer(nnUNetTrainer):
         with torch.no_grad():
             if self.in_autoencoder_phase:
                 # Reconstruction Dice of every class's mask through the autoencoder.
-                masks = torch.cat([(target == lab).float() for lab in labels], 1)  # (B, K, H, W)
+                masks = torch.cat([(target == lab).float() for lab in labels], 1)  # (B, K, *S)
                 b, k = masks.shape[:2]
                 loss, recon = net.autoencoder_loss(masks.reshape(b * k, 1, *masks.shape[2:]))
                 predicted = recon.reshape(b, k, *masks.shape[2:]) > 0.5
@@ -201,7 +217,7 @@ class SDSegTrainer(nnUNetTrainer):
                 predicted = torch.stack([seg == i + 1 for i in range(len(labels))], 1)
                 masks = torch.cat([(target == lab).float() for lab in labels], 1)
         truth = masks > 0.5
-        axes = (0, 2, 3)
+        axes = (0, *range(2, truth.ndim))
         tp = (predicted & truth).sum(axes).float()
         fp = (predicted & ~truth).sum(axes).float()
         fn = (~predicted & truth).sum(axes).float()
@@ -217,6 +233,17 @@ class SDSegTrainer(nnUNetTrainer):
 
 class SDSegTrainer_2epochs_NoMirroring(NoMirroring, ShortSchedule, SDSegTrainer):
     """A short run for tests and smoke checks (2 epochs x 5 iterations)."""
+
+
+class SDSegTrainer3d(SDSegTrainer):
+    """SDSeg in 3D on a 3D configuration (``3d_fullres``): MONAI's volumetric autoencoder and UNet
+    (``SDSegPlanner`` builds them for every 3D configuration); same phases, loss and inference."""
+
+    spatial_dims = 3
+
+
+class SDSegTrainer3d_2epochs_NoMirroring(NoMirroring, ShortSchedule, SDSegTrainer3d):
+    """A short run of the 3D SDSeg for tests and smoke checks (2 epochs x 5 iterations)."""
 
 
 class SDSegTrainer_finalStep(SDSegTrainer):
