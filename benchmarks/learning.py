@@ -41,6 +41,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset  # noqa: E402
+from nnunetv2_dsm.evaluation.leaderboard import build_leaderboard, collect_results  # noqa: E402
+from nnunetv2_dsm.evaluation.leaderboard import write_leaderboard as write_leaderboard_files  # noqa: E402
 from nnunetv2_dsm.io import atomic  # noqa: E402
 from nnunetv2_dsm.trainers.benchmark import LEARNING_LOG, DSMTrainer_Benchmark  # noqa: E402
 from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer  # noqa: E402
@@ -195,6 +197,19 @@ def merge_earlier(payload: dict, earlier: dict, models_now: list[str]) -> None:
             payload[key] = earlier[key]
 
 
+def leaderboard_folder(out: Path) -> Path:
+    return out.with_name(out.stem + "_leaderboard")
+
+
+def write_leaderboard(results: Path, models: list[str], configuration: str, out: Path) -> None:
+    """The models' rows of ``nnunetv2_dsm leaderboard`` (nnU-Net's validation on held-out patient B) to ``out``."""
+    wanted = {(*MODELS[m], configuration) for m in models if m in MODELS}
+    folds = [f for f in collect_results([results]) if (f.trainer, f.plans, f.configuration) in wanted]
+    if folds:
+        paths = write_leaderboard_files(build_leaderboard(folds), out)
+        print("leaderboard:", ", ".join(str(p) for p in paths.values()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for nnUNet_raw/preprocessed/results")
@@ -219,9 +234,15 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true",
                         help="with --stop-after-epochs: train nothing, collect the curves of runs already in WORK")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG of --out from its JSON")
+    parser.add_argument("--leaderboard", action="store_true",
+                        help="only write the leaderboard of the models in --out from the trained runs in WORK")
     args = parser.parse_args()
     if args.replot:
         replot(args.out)
+        return
+    if args.leaderboard:
+        done = [k[: -len("_heldout_dice")] for k in json.loads(args.out.read_text()) if k.endswith("_heldout_dice")]
+        write_leaderboard(args.work.resolve() / "results", done, args.configuration, leaderboard_folder(args.out))
         return
     if args.collect and not args.stop_after_epochs:
         parser.error("--collect needs --stop-after-epochs")
@@ -342,6 +363,7 @@ def main() -> None:
          f"Trained on patient A, Dice on held-out patient B (TotalSegmentator labels); {args.configuration}, "
          f"{args.spacing[0]:g} mm, {args.epochs}x{args.iterations} iterations (SDSeg: iterations per model in the "
          f"JSON), CPU {args.threads} threads")
+    write_leaderboard(res, list(merged_final), args.configuration, leaderboard_folder(args.out))
     print(json.dumps({k: v for k, v in payload.items() if k.endswith("_heldout_dice") or k.startswith("ratio")
                       or k == "cpu_seconds"}, indent=1))
     print(f"written {args.out}")

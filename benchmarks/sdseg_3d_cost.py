@@ -1,12 +1,12 @@
-"""Would a volumetric SDSeg fit the CPU budget? One training step of each, side by side.
+"""Does the volumetric SDSeg fit the CPU budget? One training step of each, side by side.
 
 Times forward+backward of (a) the 2D SDSeg of ``SDSegPlannerCPU`` (128x128 patch, batch 12: the
-latent estimation step, autoencoder frozen), (b) the same SDSeg built in 3D from MONAI's generative
-networks (``AutoencoderKL`` and ``DiffusionModelUNet`` with ``spatial_dims=3``, same widths, the CPU
-plans' ``3d_fullres`` patch 32x64x80 rounded up to 32x64x96 as ``SDSegPlanner`` rounds, batch 2) and (c) nnU-Net's ResEnc at the same 3D patch and
-batch (the CPU plans' widths), alternating the three, and writes the per-step CPU seconds and ratios
-to ``benchmarks/results/sdseg_3d_cost_<device>.json``. MONAI is needed only here
-(``pip install monai``).
+latent estimation step, autoencoder frozen), (b) the 3D SDSeg that ``SDSegPlannerCPU`` plans for
+``3d_fullres`` (``SDSegTrainer3d``: MONAI's ``AutoencoderKL`` and ``DiffusionModelUNet`` with
+``spatial_dims=3``, same widths, the CPU plans' patch 32x64x80 rounded up to 32x64x96 as
+``SDSegPlanner`` rounds, batch 2) and (c) nnU-Net's ResEnc at the same 3D patch and batch (the CPU
+plans' widths), alternating the three, and writes the per-step CPU seconds and ratios to
+``benchmarks/results/sdseg_3d_cost_<device>.json``.
 
     python benchmarks/sdseg_3d_cost.py --repeats 3
 """
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
-from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.networks.sdseg import SDSegNetwork
-from nnunetv2_dsm.planners.sdseg_planner import SDSEG_CPU
+from nnunetv2_dsm.planners.sdseg_planner import SDSEG_3D_CPU, SDSEG_CPU
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,29 +39,13 @@ def step_2d(batch: int = 12, patch=(128, 128)):
 
 
 def step_3d(batch: int = 2, patch=(32, 64, 96)):
-    ae_channels, unet_channels = SDSEG_CPU["ae_channels"], SDSEG_CPU["unet_channels"]
-    groups = SDSEG_CPU["norm_groups"]
-    autoencoder = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=1,
-                                channels=ae_channels, attention_levels=(False,) * len(ae_channels),
-                                latent_channels=4, norm_num_groups=groups, with_encoder_nonlocal_attn=False,
-                                with_decoder_nonlocal_attn=False).requires_grad_(False)
-    vision = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=1, channels=ae_channels,
-                           attention_levels=(False,) * len(ae_channels), latent_channels=4, norm_num_groups=groups,
-                           with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False).encoder
-    unet = DiffusionModelUNet(spatial_dims=3, in_channels=8, out_channels=4, num_res_blocks=1,
-                              channels=unet_channels, attention_levels=(False,) + (True,) * (len(unet_channels) - 1),
-                              norm_num_groups=groups, num_class_embeds=5)
+    net = SDSegNetwork(1, 6, **SDSEG_3D_CPU)  # what SDSegPlannerCPU plans for 3d_fullres
+    net.autoencoder.requires_grad_(False)
     x, masks = torch.randn(batch, 1, *patch), (torch.rand(batch, 1, *patch) > 0.9).float()
     classes = torch.randint(0, 5, (batch,))
 
     def step():
-        with torch.no_grad():
-            z0 = autoencoder.encode_stage_2_inputs(masks * 2 - 1)
-        c = vision(x)[:, :4]
-        t = torch.randint(0, 1000, (batch,))
-        noise = torch.randn_like(z0)
-        eps = unet(torch.cat([z0 * 0.5 + noise * 0.5, c], 1), t, class_labels=classes)
-        ((eps - noise).abs().mean()).backward()
+        net.diffusion_loss(x, masks, classes).backward()
     return step
 
 
@@ -99,7 +82,7 @@ def main() -> None:
     payload = {
         "what": "CPU seconds (process time, all threads) of one forward+backward training step",
         "sdseg_2d": "SDSegPlannerCPU network, 128x128, batch 12, autoencoder frozen",
-        "sdseg_3d": "same widths in 3D (MONAI AutoencoderKL / DiffusionModelUNet, spatial_dims=3), 32x64x96 (the CPU plans' 32x64x80 rounded up to a multiple of 32, as SDSegPlanner rounds), batch 2",
+        "sdseg_3d": "SDSegPlannerCPU's 3d_fullres network (SDSegTrainer3d: MONAI AutoencoderKL / DiffusionModelUNet, spatial_dims=3, the 2D widths), 32x64x96 (the CPU plans' 32x64x80 rounded up to a multiple of 32, as SDSegPlanner rounds), batch 2",
         "resenc_3d": "nnU-Net ResEnc, CPU plans' widths 8-64, 32x64x80, batch 2",
         "median_cpu_seconds": {k: round(v, 3) for k, v in median.items()},
         "all_cpu_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
