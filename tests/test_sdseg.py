@@ -134,6 +134,17 @@ def test_single_step_inference_is_deterministic_for_a_seed() -> None:
     assert ddim.shape == a.shape == (1, 3, 32, 32)
 
 
+def test_one_ddim_step_is_the_single_step() -> None:
+    """DDIM from t = T-1 to t = 0 in one step returns the single-step z0_hat (no clipping of latents)."""
+    net = _net().eval()
+    c = net.condition(torch.randn(2, 1, 32, 32)).detach()
+    z = 3 * torch.randn_like(c)  # latents well outside [-1, 1]
+    labels, t = torch.tensor([0, 2]), torch.full((2,), 999)
+    with torch.no_grad():
+        expected = net.predict_z0(z, net.denoise(z, c, t, labels), t)
+        assert torch.allclose(net.ddim(z, c, labels, 1), expected, atol=1e-4)
+
+
 def test_autoencoder_learns_masks() -> None:
     net = _net()
     optimizer = torch.optim.AdamW(net.autoencoder.parameters(), lr=3e-3)

@@ -159,14 +159,20 @@ class SDSegNetwork(nn.Module):
             t = torch.full((b * k,), self.scheduler.config.num_train_timesteps - 1, device=image.device)
             z0 = self.predict_z0(z, self.denoise(z, c, t, labels), t)
         else:
-            ddim = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
-            ddim.set_timesteps(steps, device=image.device)
-            for t in ddim.timesteps:
-                tt = torch.full((b * k,), int(t), device=image.device)
-                z = ddim.step(self.denoise(z, c, tt, labels), int(t), z).prev_sample
-            z0 = z
+            z0 = self.ddim(z, c, labels, steps)
         p = self.decode_probabilities(z0)
         return p.view(b, k, *p.shape[2:])
+
+    def ddim(self, z: torch.Tensor, c: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` DDIM steps from z_T (trailing spacing, so the first is at t = T-1), no clipping of the
+        predicted z0: the latents have unit variance, not the [-1, 1] range of pixel-space diffusion."""
+        # z, c: (N, latent, *s), labels: (N,) -> z0: (N, latent, *s)
+        ddim = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing", clip_sample=False)
+        ddim.set_timesteps(steps, device=z.device)
+        for t in ddim.timesteps:
+            tt = torch.full((z.shape[0],), int(t), device=z.device)
+            z = ddim.step(self.denoise(z, c, tt, labels), int(t), z).prev_sample
+        return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, *S) -> logits: (B, num_classes, *S) (background channel 0)
