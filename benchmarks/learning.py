@@ -207,6 +207,12 @@ def write_leaderboard(results: Path, models: list[str], configuration: str, out:
     folds = [f for f in collect_results([results]) if (f.trainer, f.plans, f.configuration) in wanted]
     if folds:
         paths = write_leaderboard_files(build_leaderboard(folds), out)
+        preface = ("Data: real CT with TotalSegmentator labels (model output); every model trained on patient A "
+                   "only, and fold 0's validation case is held-out patient B (another scanner). SDSegTrainer rows "
+                   "are the SDSeg architecture trained from scratch (no Stable Diffusion prior). Budgets and CPU "
+                   f"seconds: {out.name.replace('_leaderboard', '')}.json.")
+        title, rest = paths["md"].read_text().split("\n", 1)
+        atomic.write_text(paths["md"], f"{title}\n\n{preface}\n{rest}")
         print("leaderboard:", ", ".join(str(p) for p in paths.values()))
 
 
