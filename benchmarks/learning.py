@@ -40,7 +40,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nnunetv2_dsm.data.totalseg_example import build_example_dataset  # noqa: E402
+from nnunetv2_dsm.data.totalseg_example import TEST_PATIENT_C, build_example_dataset, write_test_patient_c  # noqa: E402
 from nnunetv2_dsm.evaluation.leaderboard import build_leaderboard, collect_results  # noqa: E402
 from nnunetv2_dsm.evaluation.leaderboard import write_leaderboard as write_leaderboard_files  # noqa: E402
 from nnunetv2_dsm.io import atomic  # noqa: E402
@@ -54,8 +54,13 @@ DATASET = "Dataset990_TSExample"
 CLASSES = ["liver", "spleen", "stomach", "aorta", "pancreas"]
 HELD_OUT = "tsexample_B"
 MODELS = {
-    "dsm": ("DSMTrainer_Benchmark", "DSMPlansCPU"),
-    "nnunet": ("DSMBaselineTrainer_Benchmark", "ResEncPlansCPU"),
+    # the protocol: patient A is non-contrast CT, patient B contrast-enhanced, so both train with
+    # contrast-phase augmentation (simulated enhancement of the labelled organs)
+    "dsm": ("DSMTrainer_Benchmark_contrastAug", "DSMPlansCPU"),
+    "nnunet": ("DSMBaselineTrainer_Benchmark_contrastAug", "ResEncPlansCPU"),
+    # both without contrast-phase augmentation (nnU-Net's augmentation only)
+    "dsm_no_contrast_aug": ("DSMTrainer_Benchmark", "DSMPlansCPU"),
+    "nnunet_no_contrast_aug": ("DSMBaselineTrainer_Benchmark", "ResEncPlansCPU"),
     # variants of DSM, measured against the same runs
     "dsm_sgd": ("DSMTrainer_Benchmark_SGD", "DSMPlansCPU"),
     "dsm_kmeans_void": ("DSMTrainer_Benchmark_kmeansVoid", "DSMPlansCPU"),
@@ -113,6 +118,21 @@ def dice_per_class(prediction: Path, reference: Path, labels: dict[str, int]) ->
         out[name] = round(float(2 * (p & r).sum() / denominator), 4) if denominator else float("nan")
     out["mean"] = round(float(np.nanmean([out[n] for n in labels])), 4)
     return out
+
+
+def predict_patient_c(name: str, work: Path, env: dict, log, configuration: str, aorta_label: int) -> dict:
+    """Predict test patient C (chest CT angiogram, aorta labelled only) with model ``name``; its aorta Dice."""
+    trainer, plans = MODELS[name]
+    folder = work / "test_patient_c"
+    if not (folder / "labels" / f"{TEST_PATIENT_C}.nii.gz").is_file():
+        write_test_patient_c(folder, aorta_label)
+    out = work / f"prediction_{name}_patient_c"
+    seconds = run([str(BIN / "nnUNetv2_predict"), "-i", str(folder / "images"), "-o", str(out), "-d", DATASET_ID,
+                   "-c", configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1",
+                   "-nps", "1"], env, log)
+    dice = dice_per_class(out / f"{TEST_PATIENT_C}.nii.gz", folder / "labels" / f"{TEST_PATIENT_C}.nii.gz",
+                          {"aorta": aorta_label})
+    return {"aorta": dice["aorta"], "predict_cpu_seconds": round(seconds, 1)}
 
 
 def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
@@ -185,7 +205,7 @@ def merge_earlier(payload: dict, earlier: dict, models_now: list[str]) -> None:
                 payload.setdefault(key, {})[model] = earlier[key][model]
     for model in kept:
         payload.setdefault("iterations_per_model", {}).setdefault(model, earlier.get("iterations"))
-        for suffix in ("_heldout_dice", "_seed_to_seed_dice"):
+        for suffix in ("_heldout_dice", "_seed_to_seed_dice", "_patient_c_dice"):
             if model + suffix in earlier:
                 payload[model + suffix] = earlier[model + suffix]
     if kept:
@@ -239,6 +259,9 @@ def main() -> None:
                              "rate follows the full --epochs schedule) and record its curve, without prediction")
     parser.add_argument("--collect", action="store_true",
                         help="with --stop-after-epochs: train nothing, collect the curves of runs already in WORK")
+    parser.add_argument("--patient-c", action="store_true",
+                        help="only predict test patient C (aorta only) with the --models already trained in WORK and "
+                             "add their aorta Dice to --out")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG of --out from its JSON")
     parser.add_argument("--leaderboard", action="store_true",
                         help="only write the leaderboard of the models in --out from the trained runs in WORK")
@@ -288,7 +311,17 @@ def main() -> None:
     labels = {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()
               if k != "background"}
 
+    if args.patient_c:
+        payload = json.loads(args.out.read_text())
+        for name in args.models:
+            payload[f"{name}_patient_c_dice"] = predict_patient_c(name, work, env, log, args.configuration,
+                                                                  labels["aorta"])
+            print(f"  {name}: patient C aorta Dice {payload[f'{name}_patient_c_dice']['aorta']}", flush=True)
+        atomic.write_json(args.out, payload, strict=False)
+        return
+
     curves, final, cpu_seconds, status, iterations, seed_agreement = {}, {}, {}, {}, {}, {}
+    patient_c = {}
     predict_seconds: dict[str, float] = {}
     for name in args.models:
         trainer, plans = MODELS[name]
@@ -319,6 +352,7 @@ def main() -> None:
             env, log)
         final[name] = dice_per_class(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
         print(f"  {name}: held-out Dice {final[name]}", flush=True)
+        patient_c[name] = predict_patient_c(name, work, env, log, args.configuration, labels["aorta"])
         if name.startswith("sdseg"):
             # SDSeg's answer starts from noise: predict again from another seed and compare the two.
             other = work / f"prediction_{name}_seed1"
@@ -358,6 +392,8 @@ def main() -> None:
         payload[f"{name}_heldout_dice"] = dice
     for name, dice in seed_agreement.items():
         payload[f"{name}_seed_to_seed_dice"] = dice
+    for name, dice in patient_c.items():
+        payload[f"{name}_patient_c_dice"] = dice
     if args.merge and args.out.exists():
         merge_earlier(payload, json.loads(args.out.read_text()), args.models)
     if {"dsm", "nnunet"} <= set(final):

@@ -9,6 +9,11 @@ annotation), mapped to DSM's canonical names (``totalseg_names``):
 - patient B: the DICOM series ``example_ct_dicom/`` (upper abdomen, another scanner, 512x512x20) with
   ``example_seg_dicom.nii.gz``, case ``tsexample_B``.
 
+Patient C, ``aorta_report/example_ct.nii.gz`` (chest CT angiogram, neck to celiac level, 1.5 mm), is
+labelled for the aorta only (``aorta_report/test_result/models/aorta.nii.gz``, on a cropped grid) and
+shares no other class with A. It is a test patient, never in a training set:
+:func:`write_test_patient_c` writes it outside the nnU-Net dataset.
+
 ``dataset.json`` lists the patients (``dsm.patients``, B first), so the DSM planners write
 patient-level folds: fold 0 trains on A and validates on B, fold 1 the reverse
 (:mod:`nnunetv2_dsm.planners.patient_splits`). Every case is stored RAS.
@@ -83,6 +88,27 @@ def _cases(src: Path) -> list[tuple[str, sitk.Image, sitk.Image]]:
     dicom_seg = label_on_image_grid(sitk.ReadImage(str(src / "example_seg_dicom.nii.gz")), dicom,
                                     src / "example_seg_dicom.nii.gz")
     return [("tsexample_A", ct, seg), ("tsexample_B", dicom, dicom_seg)]
+
+
+TEST_PATIENT_C = "tsexample_C"
+
+
+def write_test_patient_c(out_dir: str | os.PathLike, aorta_label: int, src: str | os.PathLike | None = None) -> Path:
+    """Write patient C as ``out_dir/images/tsexample_C_0000.nii.gz`` and ``out_dir/labels/tsexample_C.nii.gz``.
+
+    The label holds the aorta only (value ``aorta_label``; 0 is "not aorta", not "background" for other
+    classes), so C measures the aorta alone. Stored RAS like the dataset's cases; returns ``out_dir``.
+    """
+    src = Path(src) if src is not None else example_ct_dir()
+    out_dir = Path(out_dir)
+    ct = read_ct(src / "aorta_report" / "example_ct.nii.gz")
+    label_path = src / "aorta_report" / "test_result" / "models" / "aorta.nii.gz"
+    aorta = label_on_image_grid(sitk.ReadImage(str(label_path)), ct, label_path)
+    label = sitk.GetImageFromArray((sitk.GetArrayViewFromImage(aorta) > 0).astype(np.uint8) * np.uint8(aorta_label))
+    label.CopyInformation(ct)
+    write_image(sitk.Cast(ct, sitk.sitkInt16), out_dir / "images" / f"{TEST_PATIENT_C}_0000.nii.gz")
+    write_image(label, out_dir / "labels" / f"{TEST_PATIENT_C}.nii.gz")
+    return out_dir
 
 
 def _present_classes(cases: list[tuple[str, sitk.Image, sitk.Image]]) -> set[str]:

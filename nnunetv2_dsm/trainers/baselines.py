@@ -15,6 +15,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_dsm.errors import DSMError
+from nnunetv2_dsm.trainers.contrast_augmentation import ContrastPhaseAugmentation
 from nnunetv2_dsm.trainers.dsm_trainer import seed_from_environment
 from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
 from nnunetv2_dsm.trainers.variants import DSMTrainer_2epochs_NoMirroring, DSMTrainer_noKMMM, DSMTrainer_noSSM
@@ -37,6 +38,10 @@ class StockBaselineTrainer(nnUNetTrainer):
             )
         seed_from_environment()
         super().__init__(plans, configuration, fold, dataset_json, device)
+
+
+class DSMBaselineTrainer_contrastAug(ContrastPhaseAugmentation, StockBaselineTrainer):
+    """Stock nnU-Net training with contrast-phase augmentation, the comparison for ``DSMTrainer_contrastAug``."""
 
 
 class DSMBaselineTrainer_2epochs_NoMirroring(NoMirroring, ShortSchedule, StockBaselineTrainer):

@@ -23,6 +23,7 @@ from nnunetv2_dsm import settings
 from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
+from nnunetv2_dsm.trainers.contrast_augmentation import ContrastPhaseAugmentation
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
 from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer, SDSegTrainer_finalStep
 
@@ -66,6 +67,14 @@ class DSMTrainer_Benchmark(_BenchmarkSchedule, DSMTrainer):
 
 class DSMBaselineTrainer_Benchmark(_BenchmarkSchedule, StockBaselineTrainer):
     """Stock nnU-Net (``nnUNetTrainer``) on the learning benchmark's budget."""
+
+
+class DSMTrainer_Benchmark_contrastAug(ContrastPhaseAugmentation, DSMTrainer_Benchmark):
+    """DSM stage 1 on the benchmark's budget with contrast-phase augmentation (the benchmark's protocol)."""
+
+
+class DSMBaselineTrainer_Benchmark_contrastAug(ContrastPhaseAugmentation, DSMBaselineTrainer_Benchmark):
+    """Stock nnU-Net on the benchmark's budget with contrast-phase augmentation (the benchmark's protocol)."""
 
 
 class DSMTrainer_Demo(DSMTrainer_Benchmark):

@@ -1,5 +1,6 @@
 """Small DSMTrainer variants, each changing one thing (named like nnU-Net's trainer variants)."""
 
+from nnunetv2_dsm.trainers.contrast_augmentation import ContrastPhaseAugmentation
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
 from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
 
@@ -64,3 +65,7 @@ class DSMTrainer_noSSM(DSMTrainer):
     """Ablation: no state-space layer on the query responses."""
 
     arch_overrides = {"use_ssm": False}
+
+
+class DSMTrainer_contrastAug(ContrastPhaseAugmentation, DSMTrainer):
+    """DSMTrainer with contrast-phase augmentation (simulated enhancement of the labelled structures)."""
