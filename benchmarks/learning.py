@@ -46,6 +46,7 @@ from nnunetv2_dsm.evaluation.leaderboard import write_leaderboard as write_leade
 from nnunetv2_dsm.io import atomic  # noqa: E402
 from nnunetv2_dsm.trainers.benchmark import LEARNING_LOG, DSMTrainer_Benchmark  # noqa: E402
 from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer  # noqa: E402
+from nnunetv2_dsm.visualization import overlay_png  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
@@ -54,13 +55,11 @@ DATASET = "Dataset990_TSExample"
 CLASSES = ["liver", "spleen", "stomach", "aorta", "pancreas"]
 HELD_OUT = "tsexample_B"
 MODELS = {
-    # the protocol: patient A is non-contrast CT, patient B contrast-enhanced, so both train with
-    # contrast-phase augmentation (simulated enhancement of the labelled organs)
-    "dsm": ("DSMTrainer_Benchmark_contrastAug", "DSMPlansCPU"),
-    "nnunet": ("DSMBaselineTrainer_Benchmark_contrastAug", "ResEncPlansCPU"),
-    # both without contrast-phase augmentation (nnU-Net's augmentation only)
-    "dsm_no_contrast_aug": ("DSMTrainer_Benchmark", "DSMPlansCPU"),
-    "nnunet_no_contrast_aug": ("DSMBaselineTrainer_Benchmark", "ResEncPlansCPU"),
+    "dsm": ("DSMTrainer_Benchmark", "DSMPlansCPU"),
+    "nnunet": ("DSMBaselineTrainer_Benchmark", "ResEncPlansCPU"),
+    # both with contrast-phase augmentation (patient A is non-contrast CT, patient B contrast-enhanced)
+    "dsm_contrast_aug": ("DSMTrainer_Benchmark_contrastAug", "DSMPlansCPU"),
+    "nnunet_contrast_aug": ("DSMBaselineTrainer_Benchmark_contrastAug", "ResEncPlansCPU"),
     # variants of DSM, measured against the same runs
     "dsm_sgd": ("DSMTrainer_Benchmark_SGD", "DSMPlansCPU"),
     "dsm_kmeans_void": ("DSMTrainer_Benchmark_kmeansVoid", "DSMPlansCPU"),
@@ -135,16 +134,28 @@ def predict_patient_c(name: str, work: Path, env: dict, log, configuration: str,
     return {"aorta": dice["aorta"], "predict_cpu_seconds": round(seconds, 1)}
 
 
+def draw_overlays(models: list[str], work: Path, dataset: Path, labels: dict[str, int], out: Path) -> None:
+    """Each model's prediction of held-out patient B beside B's reference, on the slice with most organ."""
+    names = {label: name for name, label in labels.items()}
+    for name in models:
+        prediction = work / f"prediction_{name}" / f"{HELD_OUT}.nii.gz"
+        png = overlay_png(dataset / "imagesTr" / f"{HELD_OUT}_0000.nii.gz", prediction, out / f"{name}_B.png", names,
+                          dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", title=f"{name}, patient B")
+        print(f"  {png}", flush=True)
+
+
 def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {"dsm": "tab:red", "nnunet": "tab:blue", "dsm_sgd": "tab:orange", "dsm_kmeans_void": "tab:purple",
                "dsm_static_queries": "tab:green", "dsm_no_ssm": "tab:brown", "dsm_bg_query": "tab:pink",
-               "dsm_bg_query_update_drop": "tab:gray", "sdseg": "tab:olive", "sdseg_final_step": "tab:cyan"}
+               "dsm_bg_query_update_drop": "tab:gray", "sdseg": "tab:olive", "sdseg_final_step": "tab:cyan",
+               "dsm_contrast_aug": "darkred", "nnunet_contrast_aug": "navy"}
     labels = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)", "dsm_sgd": "DSM, SGD everywhere",
               "dsm_kmeans_void": "DSM, k-means void", "dsm_static_queries": "DSM, queries not updated per image",
               "dsm_no_ssm": "DSM without SSM", "dsm_bg_query": "DSM, background query",
               "dsm_bg_query_update_drop": "DSM, background query + update dropout",
-              "sdseg": "SDSeg (from scratch)", "sdseg_final_step": "SDSeg, 1/4 of samples at t=T-1"}
+              "sdseg": "SDSeg (from scratch)", "sdseg_final_step": "SDSeg, 1/4 of samples at t=T-1",
+              "dsm_contrast_aug": "DSM, contrast-phase aug.", "nnunet_contrast_aug": "nnU-Net, contrast-phase aug."}
     for name, epochs in curves.items():
         epochs = [e for e in epochs if e.get("phase") != "autoencoder"]  # SDSeg's reconstruction Dice
         iterations = [e["iterations"] for e in epochs]
@@ -259,6 +270,9 @@ def main() -> None:
                              "rate follows the full --epochs schedule) and record its curve, without prediction")
     parser.add_argument("--collect", action="store_true",
                         help="with --stop-after-epochs: train nothing, collect the curves of runs already in WORK")
+    parser.add_argument("--overlays", action="store_true",
+                        help="only draw overlays of the --models' predictions of patient B (already in WORK) on CT, "
+                             "beside the reference, to <--out>_overlays/")
     parser.add_argument("--patient-c", action="store_true",
                         help="only predict test patient C (aorta only) with the --models already trained in WORK and "
                              "add their aorta Dice to --out")
@@ -311,6 +325,9 @@ def main() -> None:
     labels = {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()
               if k != "background"}
 
+    if args.overlays:
+        draw_overlays(args.models, work, dataset, labels, args.out.with_name(args.out.stem + "_overlays"))
+        return
     if args.patient_c:
         payload = json.loads(args.out.read_text())
         for name in args.models:

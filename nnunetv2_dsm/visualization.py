@@ -22,8 +22,12 @@ def _axial(image: sitk.Image) -> np.ndarray:
 
 
 def overlay_png(ct_path: str | os.PathLike, prediction_path: str | os.PathLike, out_png: str | os.PathLike,
-                class_names: dict[int, str], reference_path: str | os.PathLike | None = None) -> Path:
-    """Axial slice with the most foreground: CT, reference (left) and prediction (right) overlays."""
+                class_names: dict[int, str], reference_path: str | os.PathLike | None = None,
+                title: str | None = None) -> Path:
+    """Axial slice with the most foreground: CT, reference (left) and prediction (right) overlays.
+
+    Panels are titled ``<title>: reference/prediction``; ``title`` defaults to the prediction's case id.
+    """
     ct = _axial(sitk.ReadImage(str(ct_path)))
     pred = _axial(sitk.ReadImage(str(prediction_path)))
     ref = _axial(sitk.ReadImage(str(reference_path))) if reference_path is not None else None
@@ -37,11 +41,12 @@ def overlay_png(ct_path: str | os.PathLike, prediction_path: str | os.PathLike, 
 
     panels = [("reference", ref), ("prediction", pred)] if ref is not None else [("prediction", pred)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.6), squeeze=False)
-    for ax, (title, seg) in zip(axes[0], panels):
+    name = title or Path(str(prediction_path)).name.split(".")[0]
+    for ax, (panel, seg) in zip(axes[0], panels):
         ax.imshow(np.clip(ct[z], *CT_WINDOW), cmap="gray", origin="upper")
         coloured = np.vectorize(lambda v: index.get(v, 0))(seg[z])
         ax.imshow(coloured, cmap=cmap, vmin=0, vmax=len(class_names), alpha=0.45, interpolation="nearest")
-        ax.set_title(f"{Path(str(prediction_path)).name.split('.')[0]}: {title} (slice {z})")
+        ax.set_title(f"{name}: {panel} (slice {z})", fontsize=9)
         ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(index[label])) for label in labels]
     fig.legend(handles, [class_names[label] for label in labels], loc="lower center", ncol=4, fontsize=8)

@@ -118,3 +118,19 @@ def test_example_dataset_command_needs_nnunet_raw(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2
     assert "nnUNet_raw is not set" in out.stderr
+
+
+def test_test_patient_c_holds_the_aorta_only_on_its_ct(tmp_path: Path, example_ct_dir: Path) -> None:
+    from nnunetv2_dsm.data.totalseg_example import TEST_PATIENT_C, write_test_patient_c
+
+    out = write_test_patient_c(tmp_path / "c", aorta_label=4, src=example_ct_dir)
+    image = sitk.ReadImage(str(out / "images" / f"{TEST_PATIENT_C}_0000.nii.gz"))
+    label = sitk.ReadImage(str(out / "labels" / f"{TEST_PATIENT_C}.nii.gz"))
+    assert image.GetSize() == label.GetSize() == (233, 167, 191)
+    assert image_orientation(image) == image_orientation(label) == "RAS"
+    ct, aorta = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label)
+    assert set(np.unique(aorta).tolist()) == {0, 4}
+    # the label, brought from its cropped grid, lies on the contrast-filled aorta of the angiogram
+    assert np.median(ct[aorta == 4]) > 250
+    assert (aorta == 4).sum() == int((sitk.GetArrayViewFromImage(sitk.ReadImage(
+        str(example_ct_dir / "aorta_report" / "test_result" / "models" / "aorta.nii.gz"))) > 0).sum())

@@ -70,11 +70,11 @@ class DSMBaselineTrainer_Benchmark(_BenchmarkSchedule, StockBaselineTrainer):
 
 
 class DSMTrainer_Benchmark_contrastAug(ContrastPhaseAugmentation, DSMTrainer_Benchmark):
-    """DSM stage 1 on the benchmark's budget with contrast-phase augmentation (the benchmark's protocol)."""
+    """DSM stage 1 on the benchmark's budget with contrast-phase augmentation."""
 
 
 class DSMBaselineTrainer_Benchmark_contrastAug(ContrastPhaseAugmentation, DSMBaselineTrainer_Benchmark):
-    """Stock nnU-Net on the benchmark's budget with contrast-phase augmentation (the benchmark's protocol)."""
+    """Stock nnU-Net on the benchmark's budget with contrast-phase augmentation."""
 
 
 class DSMTrainer_Demo(DSMTrainer_Benchmark):
