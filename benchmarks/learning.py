@@ -119,16 +119,21 @@ def dice_per_class(prediction: Path, reference: Path, labels: dict[str, int]) ->
     return out
 
 
+def predict(name: str, inputs: Path, out: Path, configuration: str, env: dict, log) -> float:
+    """``nnUNetv2_predict`` of every image in ``inputs`` with model ``name`` (fold 0); returns its CPU seconds."""
+    trainer, plans = MODELS[name]
+    return run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c",
+                configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1", "-nps", "1"],
+               env, log)
+
+
 def predict_patient_c(name: str, work: Path, env: dict, log, configuration: str, aorta_label: int) -> dict:
     """Predict test patient C (chest CT angiogram, aorta labelled only) with model ``name``; its aorta Dice."""
-    trainer, plans = MODELS[name]
     folder = work / "test_patient_c"
     if not (folder / "labels" / f"{TEST_PATIENT_C}.nii.gz").is_file():
         write_test_patient_c(folder, aorta_label)
     out = work / f"prediction_{name}_patient_c"
-    seconds = run([str(BIN / "nnUNetv2_predict"), "-i", str(folder / "images"), "-o", str(out), "-d", DATASET_ID,
-                   "-c", configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1",
-                   "-nps", "1"], env, log)
+    seconds = predict(name, folder / "images", out, configuration, env, log)
     dice = dice_per_class(out / f"{TEST_PATIENT_C}.nii.gz", folder / "labels" / f"{TEST_PATIENT_C}.nii.gz",
                           {"aorta": aorta_label})
     return {"aorta": dice["aorta"], "predict_cpu_seconds": round(seconds, 1)}
@@ -364,18 +369,14 @@ def main() -> None:
             status[name] += f", stopped after {len(curves[name])} of {args.epochs} epochs"
             continue
         out = work / f"prediction_{name}"
-        predict_seconds[name] = run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", DATASET_ID, "-c",
-             args.configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1", "-nps", "1"],
-            env, log)
+        predict_seconds[name] = predict(name, inputs, out, args.configuration, env, log)
         final[name] = dice_per_class(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
         print(f"  {name}: held-out Dice {final[name]}", flush=True)
         patient_c[name] = predict_patient_c(name, work, env, log, args.configuration, labels["aorta"])
         if name.startswith("sdseg"):
             # SDSeg's answer starts from noise: predict again from another seed and compare the two.
             other = work / f"prediction_{name}_seed1"
-            run([str(BIN / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(other), "-d", DATASET_ID, "-c",
-                 args.configuration, "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "-npp", "1",
-                 "-nps", "1"], {**env, "DSM_SDSEG_NOISE_SEED": "1"}, log)
+            predict(name, inputs, other, args.configuration, {**env, "DSM_SDSEG_NOISE_SEED": "1"}, log)
             seed_agreement[name] = dice_per_class(other / f"{HELD_OUT}.nii.gz", out / f"{HELD_OUT}.nii.gz", labels)
 
     payload = {
