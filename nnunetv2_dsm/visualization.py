@@ -58,3 +58,33 @@ def overlay_png(ct_path: str | os.PathLike, prediction_path: str | os.PathLike, 
     finally:
         plt.close(fig)
     return out_png
+
+
+def score_overlay_png(ct_path: str | os.PathLike, score_paths: dict[str, str | os.PathLike],
+                      out_png: str | os.PathLike, reference_path: str | os.PathLike, label: int | list[int],
+                      title: str | None = None) -> Path:
+    """Axial slice with the most voxels of ``label`` in the reference: CT with the reference outline, then
+    one panel per score map (a heat map over the CT, scaled to the map's 1st-99.9th percentile in the case)
+    with the reference outline on top, titled by its key in ``score_paths``."""
+    ct = _axial(sitk.ReadImage(str(ct_path)))
+    lesion = np.isin(_axial(sitk.ReadImage(str(reference_path))), np.atleast_1d(label))
+    z = int(np.argmax(lesion.reshape(lesion.shape[0], -1).sum(1)))
+    panels = [("CT + reference", None)] + [(k, _axial(sitk.ReadImage(str(p)))) for k, p in score_paths.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.0), squeeze=False)
+    for ax, (name, score) in zip(axes[0], panels):
+        ax.imshow(np.clip(ct[z], *CT_WINDOW), cmap="gray", origin="upper")
+        if score is not None:
+            lo, hi = np.percentile(score, [1.0, 99.9])
+            ax.imshow(np.clip((score[z] - lo) / max(hi - lo, 1e-8), 0, 1), cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+        ax.contour(lesion[z], levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{title or Path(str(ct_path)).name} (slice {z}; cyan: reference lesion)", fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+    return out_png

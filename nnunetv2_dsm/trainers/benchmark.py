@@ -26,6 +26,7 @@ from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
 from nnunetv2_dsm.trainers.contrast_augmentation import ContrastPhaseAugmentation
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
 from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer, SDSegTrainer_finalStep
+from nnunetv2_dsm.trainers.stage2 import DSMTrainerStage2
 
 LEARNING_LOG = "learning_log.json"
 
@@ -134,3 +135,17 @@ class SDSegTrainer_Benchmark(_BenchmarkSchedule, SDSegTrainer):
 class SDSegTrainer_Benchmark_finalStep(SDSegTrainer_Benchmark):
     final_step_fraction = SDSegTrainer_finalStep.final_step_fraction
 
+
+
+class DSMTrainerStage2_Benchmark(_BenchmarkSchedule, DSMTrainerStage2):
+    """DSM stage 2 on the benchmark's budget (``benchmarks/unseen.py``: from a benchmark stage-1 model)."""
+
+
+class DSMTrainerStage2_Benchmark_contrastAug(ContrastPhaseAugmentation, DSMTrainerStage2_Benchmark):
+    """DSM stage 2 on the benchmark's budget with contrast-phase augmentation."""
+
+
+class DSMTrainerStage2_Benchmark_contrastAug_noAMVP(DSMTrainerStage2_Benchmark_contrastAug):
+    """The unseen-tumour benchmark's no-AMVP ablation: tumour queries attend everywhere."""
+
+    arch_overrides = {"use_amvp": False}
