@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from unseen import FOLD, POSTHOC_MODELS, PROMPT_MODELS, model_folder, run  # noqa: E402
+from unseen import CONFIGURATION, DATASET, FOLD, MODELS, POSTHOC_MODELS, PROMPT_MODELS, model_folder, run  # noqa: E402
 
 from nnunetv2_dsm.evaluation.lesions import FP_BUDGET, lesion_scores  # noqa: E402
 from nnunetv2_dsm.evaluation.metrics import body_mask  # noqa: E402
@@ -153,6 +153,28 @@ def overlays(test: Path, folders: dict[str, Path], target_dir: Path) -> list[str
     return written
 
 
+def write_leaderboard(per_case: dict, work: Path, target: Path) -> list[str]:
+    """One leaderboard row per score: ``<trainer>+<score>`` with DSC (at the FP budget), AUROC and FPR95 in
+    the host organ per unseen type, through the stock leaderboard (``nnunetv2_dsm leaderboard``)."""
+    from nnunetv2_dsm.evaluation.leaderboard import make_leaderboard
+
+    root = work / "leaderboard_results" / DATASET
+    for method, types in per_case.items():
+        model, score = method.rsplit("_", 1)
+        trainer, plans, _, _ = MODELS[model]
+        cases: dict = {}
+        for tumour, rows in types.items():
+            for case, r in rows.items():
+                cases.setdefault(case, {})[tumour] = {
+                    "dsc": r["dice"], "dsc_note": None, "auroc": r["auroc_host"], "auroc_note": None,
+                    "fpr95": r["fpr95_host"], "fpr95_note": None}
+        atomic.write_json(root / f"{trainer}+{score}__{plans}__{CONFIGURATION}" / f"fold_{FOLD}" / "metrics.json",
+                          {"per_case": cases, "roi": {"mode": "host organ (parent) for AUROC/FPR95; DSC at the "
+                                                              f"{FP_BUDGET:.0%} body FP budget"}}, strict=False)
+    _, files = make_leaderboard([root.parent], target)
+    return sorted(str(p) for p in files.values())
+
+
 def score_all(args, work: Path, raw: Path, test: Path, env: dict, log, timings: dict, machine: dict) -> None:
     started = time.time()
     dataset = json.loads((test / "dataset.json").read_text())
@@ -190,6 +212,7 @@ def score_all(args, work: Path, raw: Path, test: Path, env: dict, log, timings: 
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     payload["overlays"] = overlays(test, folders, out.parent / f"{out.stem}_overlays")
+    payload["leaderboard"] = write_leaderboard(per_case, work, out.parent / f"{out.stem}_leaderboard")
     payload["score_wall_seconds"] = round(time.time() - started, 1)
     atomic.write_json(out, payload, strict=False)
     plot(table, unseen, out.with_suffix(".png"),
