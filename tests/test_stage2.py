@@ -279,6 +279,22 @@ def test_prompt_prediction_writes_maps_in_input_geometry(env: dict, stage2: Path
     assert json.loads((out / "prompts.json").read_text())["labels"] == {"background": 0, "liver_tumor": 1}
 
 
+def test_case_range_prompt_is_a_second_pass_over_the_tiles(stage2: Path, inputs: Path, tmp_path: Path) -> None:
+    maps = {}
+    for mode in ("tile", "case"):
+        predictor = DSMPredictor(["pancreas tumor"], use_mirroring=False, device=torch.device("cpu"),
+                                 allow_tqdm=False, amvp_range=mode)
+        predictor.initialize_from_trained_model_folder(str(stage2), (0,), "checkpoint_final.pth")
+        predictor.predict_folder(inputs, tmp_path / mode)
+        assert predictor._amvp().case_range is None, "the case range does not outlive its case"
+        maps[mode] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / mode / "scores" /
+                                                                f"{TEST_CASE}_pancreas_tumor.nii.gz")))
+    assert np.isfinite(maps["case"]).all() and 0.0 <= maps["case"].min() and maps["case"].max() <= 1.0
+    assert not np.allclose(maps["tile"], maps["case"]), "the prompt, and with it the tumour queries, changed"
+    with pytest.raises(DSMPredictionError, match="amvp_range"):
+        DSMPredictor(["liver"], device=torch.device("cpu"), amvp_range="volume")
+
+
 def test_short_write_is_an_error_and_leaves_nothing(env: dict, stage2: Path, inputs: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch):
     """A full disk can make SimpleITK return from a short write without error: the prediction stops and

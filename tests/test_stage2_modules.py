@@ -98,6 +98,29 @@ def test_anomaly_mask_prompt_resizes_score_before_thresholding(dim):
     assert torch.equal(prompt, score > 0.5)
 
 
+def test_anomaly_mask_prompt_case_range_pools_the_tiles():
+    module = AnomalyMaskPrompt()
+    tiles = [torch.randn(1, 3, 6, 6), torch.randn(1, 3, 6, 6) * 4.0]
+    module.record_case_range()
+    raws = [-t.amax(dim=1) for t in tiles]
+    for t in tiles:
+        module(t, level=0)
+    module.use_case_range()
+    lo, hi = min(float(r.min()) for r in raws), max(float(r.max()) for r in raws)
+    for t, raw in zip(tiles, raws):
+        score, prompt = module(t, level=0)
+        torch.testing.assert_close(score, (raw - lo) / (hi - lo))
+        assert torch.equal(prompt, score > 0.5)
+    # the quieter tile no longer spans [0, 1] on its own
+    assert float(module(tiles[0], level=0)[0].max()) < 1.0
+    # levels without a recorded range, and everything after clear_case_range, are normalised per input
+    torch.testing.assert_close(module(tiles[0], level=1)[0], minmax_per_case(raws[0]))
+    module.clear_case_range()
+    torch.testing.assert_close(module(tiles[0], level=0)[0], minmax_per_case(raws[0]))
+    with pytest.raises(RuntimeError, match="record_case_range"):
+        module.use_case_range()
+
+
 def test_anomaly_inputs_are_checked():
     with pytest.raises(ValueError, match="N_organ"):
         anomaly_score(torch.randn(2, 0, 4, 4))

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"override the encoder stored with the model (must be the same embedding space); {SPEC_HELP}")
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    parser.add_argument("--amvp-range", choices=("tile", "case"), default="tile",
+                        help="normalise the anomaly mask prompt per sliding-window tile (default, as in training) or "
+                             "per case (two passes over the tiles; twice the time)")
     parser.set_defaults(func=run)
 
 
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     folds = None if args.folds is None else [f if f == "all" else int(f) for f in args.folds]
     try:
         predictor = DSMPredictor(args.prompts, text_encoder=args.text_encoder, tile_step_size=args.step_size,
-                                 use_mirroring=not args.disable_tta, device=device)
+                                 use_mirroring=not args.disable_tta, device=device,
+                                 amvp_range=args.amvp_range)
         predictor.initialize_from_trained_model_folder(str(args.model), folds, args.checkpoint)
         cases = predictor.predict_folder(args.input, args.output)
     except (DSMPredictionError, EncoderMismatchError, MissingPromptError, InputError) as e:

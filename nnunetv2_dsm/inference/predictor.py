@@ -187,6 +187,11 @@ def _to_image(array: np.ndarray, properties: dict) -> sitk.Image:
     return image
 
 
+# How the anomaly mask prompt is normalised in sliding-window inference: per tile (as in training, where
+# the network sees one patch) or per case (a first pass over every tile collects the range; twice the time).
+AMVP_RANGES = ("tile", "case")
+
+
 class DSMPredictor(nnUNetPredictor):
     """nnU-Net predictor for DSM models with text prompts; see the module docstring.
 
@@ -202,7 +207,11 @@ class DSMPredictor(nnUNetPredictor):
         use_mirroring: bool = True,
         device: torch.device = torch.device("cuda"),
         allow_tqdm: bool = True,
+        amvp_range: str = "tile",
     ) -> None:
+        if amvp_range not in AMVP_RANGES:
+            raise DSMPredictionError(f"amvp_range must be one of {AMVP_RANGES}, got {amvp_range!r}")
+        self.amvp_range = amvp_range
         self.slugs = check_prompts(prompts)
         self.prompts = [p.strip() for p in prompts]
         self.text_encoder_spec = text_encoder
@@ -360,6 +369,28 @@ class DSMPredictor(nnUNetPredictor):
             self._export(logits, properties, targets, grid)
             done.append(case)
         return done
+
+    def _amvp(self):
+        """The stage-2 network's AMVP module when it uses one, else None."""
+        network = self.network.network if isinstance(self.network, TrainedClassSelection) else self.network
+        network = _unwrap(network)
+        if isinstance(network, DSMStage2Network) and network.tumour_decoder.use_amvp:
+            return network.tumour_decoder.amvp
+        return None
+
+    def predict_logits_from_preprocessed_data(self, data: Tensor) -> Tensor:
+        """nnU-Net's sliding-window prediction; with ``amvp_range="case"`` a first pass over every tile (and
+        fold) records the anomaly score's range per level, and the second pass normalises with it."""
+        amvp = self._amvp() if self.amvp_range == "case" else None
+        if amvp is None:
+            return super().predict_logits_from_preprocessed_data(data)
+        amvp.record_case_range()
+        try:
+            super().predict_logits_from_preprocessed_data(data)
+            amvp.use_case_range()
+            return super().predict_logits_from_preprocessed_data(data)
+        finally:
+            amvp.clear_case_range()
 
     @staticmethod
     def _earlier_slugs(output_folder: Path) -> set[str]:

@@ -5,6 +5,12 @@ of the strongest organ response is an anomaly score: ``S(x) = -max_n R_n(x)``. T
 normalised PER CASE (each batch element on its own, so one case's contrast never rescales another's)
 and thresholded into a prompt ``M = S > 0.5`` that tells the tumour queries' masked cross-attention
 where to look. The normalised score is also the exported anomaly map.
+
+In sliding-window inference "the case" the network sees is one tile. ``AnomalyMaskPrompt`` can
+instead normalise with the range of the whole case: ``record_case_range()`` before a first pass over
+all tiles collects, per level, the smallest and largest raw score; ``use_case_range()`` then fixes
+those for the second pass; ``clear_case_range()`` returns to per-input normalisation (training, and
+the default at inference; ``nnunetv2_dsm predict --amvp-range case`` selects the two-pass mode).
 """
 
 from collections.abc import Sequence
@@ -67,8 +73,34 @@ class AnomalyMaskPrompt(nn.Module):
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"AnomalyMaskPrompt threshold must lie in [0, 1), got {threshold}.")
         self.threshold = threshold
+        self._recorded: dict[int, tuple[float, float]] | None = None
+        self.case_range: dict[int, tuple[float, float]] | None = None
 
-    def forward(self, responses: Tensor, size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    def record_case_range(self) -> None:
+        """Collect, per level, the raw score range of every input from now on (first inference pass)."""
+        self._recorded, self.case_range = {}, None
+
+    def use_case_range(self) -> None:
+        """Normalise every level with the range recorded since ``record_case_range`` (second pass)."""
+        if self._recorded is None:
+            raise RuntimeError("use_case_range() needs a pass after record_case_range() first")
+        self.case_range, self._recorded = dict(self._recorded), None
+
+    def clear_case_range(self) -> None:
+        self._recorded, self.case_range = None, None
+
+    def _normalise(self, raw: Tensor, level: int | None) -> Tensor:
+        if self._recorded is not None and level is not None:
+            lo, hi = float(raw.amin()), float(raw.amax())
+            old = self._recorded.get(level, (lo, hi))
+            self._recorded[level] = (min(lo, old[0]), max(hi, old[1]))
+        if self.case_range is not None and level in self.case_range:
+            lo, hi = self.case_range[level]
+            return ((raw - lo) / max(hi - lo, 1e-12)).clamp(0.0, 1.0)
+        return minmax_per_case(raw)
+
+    def forward(self, responses: Tensor, size: Sequence[int] | None = None,
+                level: int | None = None) -> tuple[Tensor, Tensor]:
         # responses: (B, N_organ, *S) -> (score: (B, *S'), prompt: (B, *S') bool), S' = size or S
         if responses.ndim not in (4, 5) or responses.shape[1] < 1:
             raise ValueError(
@@ -84,5 +116,5 @@ class AnomalyMaskPrompt(nn.Module):
                 )
             mode = "bilinear" if raw.ndim == 3 else "trilinear"
             raw = F.interpolate(raw.unsqueeze(1), size=tuple(size), mode=mode, align_corners=False)[:, 0]
-        score = minmax_per_case(raw)
+        score = self._normalise(raw, level)
         return score, anomaly_prompt(score, self.threshold)

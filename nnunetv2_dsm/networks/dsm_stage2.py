@@ -229,11 +229,11 @@ class DSMStage2Network(DSMNetwork):
         responses = []
         guide = None
         straight_through = not self.deep_supervision and torch.is_grad_enabled()  # as in DSMNetwork.forward
-        for kmmm, dqr, f in zip(self.kmmm_layers, head.dqr_layers, features):
+        for level, (kmmm, dqr, f) in enumerate(zip(self.kmmm_layers, head.dqr_layers, features)):
             q, m = kmmm(q, f, straight_through)
             m = self.relative_to_background(m)
             responses.append(m)
-            prompt = head.amvp(m[:, head.organ_index], f.shape[2:])[1] if head.use_amvp else None
+            prompt = head.amvp(m[:, head.organ_index], f.shape[2:], level)[1] if head.use_amvp else None
             tumour, _, guide = dqr(tumour, q[:, int(self.background_query):], f, guide, prompt)
         # With a background query (query 0) every mask, the tumour queries' too, is relative to it.
         masks = self.relative_to_background(self.decoder.pixel_proj(torch.cat([q, tumour], dim=1), last_stage))
