@@ -9,11 +9,12 @@ One invocation, stock commands, one preprocessed dataset (``nnunetv2_dsm.data.un
    DSMBaselinePlannerCPU`` (ResEnc, same preprocessed data).
 3. ``nnUNetv2_train`` fold ``all`` (every training case is patient A), contrast-phase augmentation in
    every model, one seed: DSM stage 1 (``--stage1-epochs``), DSM stage 2 from its weights
-   (``-pretrained_weights``, ``--stage2-epochs``) and its no-AMVP ablation, and stock nnU-Net for the
+   (``-pretrained_weights``, ``--stage2-epochs``; optionally its no-AMVP ablation), and stock nnU-Net for the
    sum of both stages' epochs: the same number of training iterations as DSM stage 1 + stage 2.
 4. Scores on the test cases: DSM stage 2 prompted with the unseen tumours' names (``nnunetv2_dsm
-   predict --prompts``) and its anomaly map; ``nnunetv2_dsm anomaly-posthoc`` (MSP, max-logit, energy,
-   SML with statistics from the training images) on stock nnU-Net and on DSM stage 1.
+   predict --prompts``, with the anomaly mask prompt normalised per tile and, ``dsm_caserange``, per
+   case) and its anomaly map; ``nnunetv2_dsm anomaly-posthoc`` (MSP, max-logit, energy,
+   SML with statistics from the training images) on stock nnU-Net.
 5. Per unseen type and score: voxel AUROC and FPR95 inside the host organ and inside the body, lesion
    detection at a 1 % body false-positive budget and Dice at that threshold
    (``nnunetv2_dsm.evaluation.lesions``); ``benchmarks/results/unseen_<device>.json`` and a PNG.
@@ -46,7 +47,7 @@ MODELS = {
     "nnunet": ("DSMBaselineTrainer_Benchmark_contrastAug", "ResEncPlansCPU", "total_epochs", None),
     "dsm_no_amvp": ("DSMTrainerStage2_Benchmark_contrastAug_noAMVP", "DSMPlansCPU", "stage2_epochs", "dsm_stage1"),
 }
-POSTHOC_MODELS = ("nnunet", "dsm_stage1")
+POSTHOC_MODELS = ("nnunet",)
 PROMPT_MODELS = ("dsm", "dsm_no_amvp")
 
 
@@ -99,9 +100,10 @@ def train(name: str, args, env: dict, log, results: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["dsm_stage1", "dsm", "nnunet"], choices=list(MODELS),
+                        help="dsm_no_amvp (the stage-2 ablation) is not in the default run")
     parser.add_argument("--stage1-epochs", type=int, default=8)
-    parser.add_argument("--stage2-epochs", type=int, default=4)
+    parser.add_argument("--stage2-epochs", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

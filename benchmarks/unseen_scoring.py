@@ -41,12 +41,17 @@ def score_maps(args, work: Path, test: Path, raw: Path, env: dict, log, unseen: 
         model = model_folder(results, name)
         if name not in args.models or not (model / f"fold_{FOLD}" / "checkpoint_final.pth").is_file():
             continue
-        out = work / "scores" / name
-        if not out.exists():
-            run([str(BIN / "nnunetv2_dsm"), "predict", "-i", str(images), "-o", str(out), "-m", str(model), "-f", FOLD,
-                 "--device", "cpu", "--disable-tta", "--prompts", *[prompt_of(t) for t in unseen]], env, log)
-        folders[f"{name}_prompt"] = out / SCORES_DIR
-        folders[f"{name}_anomaly"] = out / SCORES_DIR
+        for amvp_range, label in (("tile", name), ("case", f"{name}_caserange")):
+            if amvp_range == "case" and name != "dsm":
+                continue
+            out = work / "scores" / label
+            if not out.exists():
+                run([str(BIN / "nnunetv2_dsm"), "predict", "-i", str(images), "-o", str(out), "-m", str(model),
+                     "-f", FOLD, "--device", "cpu", "--disable-tta", "--amvp-range", amvp_range,
+                     "--prompts", *[prompt_of(t) for t in unseen]], env, log)
+            folders[f"{label}_prompt"] = out / SCORES_DIR
+            if amvp_range == "tile":
+                folders[f"{label}_anomaly"] = out / SCORES_DIR
     for name in POSTHOC_MODELS:
         model = model_folder(results, name)
         if name not in args.models or not (model / f"fold_{FOLD}" / "checkpoint_final.pth").is_file():
@@ -160,7 +165,8 @@ def write_leaderboard(per_case: dict, work: Path, target: Path) -> list[str]:
 
     root = work / "leaderboard_results" / DATASET
     for method, types in per_case.items():
-        model, score = method.rsplit("_", 1)
+        model = max((m for m in MODELS if method.startswith(m + "_")), key=len)
+        score = method[len(model) + 1:]
         trainer, plans, _, _ = MODELS[model]
         cases: dict = {}
         for tumour, rows in types.items():
@@ -195,6 +201,7 @@ def score_all(args, work: Path, raw: Path, test: Path, env: dict, log, timings: 
                        "threshold inside the body; host organ = the type's parent organ label plus the lesion",
         "dsm_prompt_auroc": table.get("dsm_prompt", {}).get("mean", {}).get("auroc_host"),
         "dsm_anomaly_auroc": table.get("dsm_anomaly", {}).get("mean", {}).get("auroc_host"),
+        "dsm_prompt_case_range_auroc": table.get("dsm_caserange_prompt", {}).get("mean", {}).get("auroc_host"),
         "best_baseline_auroc": nnunet.get(best) if best else None,
         "best_baseline_name": best,
         "unseen_types": unseen,
