@@ -21,6 +21,17 @@ def _axial(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
 
 
+def _save(fig: plt.Figure, out_png: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``out_png`` atomically and close it."""
+    out_png = Path(out_png)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+    return out_png
+
+
 def overlay_png(ct_path: str | os.PathLike, prediction_path: str | os.PathLike, out_png: str | os.PathLike,
                 class_names: dict[int, str], reference_path: str | os.PathLike | None = None,
                 title: str | None = None) -> Path:
@@ -51,13 +62,7 @@ def overlay_png(ct_path: str | os.PathLike, prediction_path: str | os.PathLike, 
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(index[label])) for label in labels]
     fig.legend(handles, [class_names[label] for label in labels], loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    out_png = Path(out_png)
-    try:
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def score_overlay_png(ct_path: str | os.PathLike, score_paths: dict[str, str | os.PathLike],
@@ -81,10 +86,4 @@ def score_overlay_png(ct_path: str | os.PathLike, score_paths: dict[str, str | o
         ax.axis("off")
     fig.suptitle(f"{title or Path(str(ct_path)).name} (slice {z}; cyan: reference lesion)", fontsize=9)
     fig.tight_layout()
-    out_png = Path(out_png)
-    try:
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
