@@ -273,3 +273,23 @@ def test_availability_drives_the_loss_end_to_end():
     assert torch.count_nonzero(logits.grad[0, 2]) == 0
     assert torch.count_nonzero(logits.grad[1, 1]) == 0
     assert torch.count_nonzero(logits.grad[0, 0]) > 0
+
+
+def test_deep_supervision_takes_one_availability_mask_per_output():
+    """DSM stage 2: the semantic output counts every annotated class, its stage-1 outputs only the
+    queried (organ) classes, so a tumour channel's target changes the first term only."""
+    base = PartialLabelDiceBCELoss()
+    wrapper = PartialLabelDeepSupervision(base, [0.5, 0.5])
+    pairs = [_inputs((2, 3, 8, 8, 4), seed=i) for i in range(2)]
+    logits, targets = [p[0] for p in pairs], [p[1] for p in pairs]
+    available = torch.ones(2, 3, dtype=torch.bool)
+    organs = available.clone()
+    organs[:, 2] = False
+    value = wrapper(logits, targets, [available, organs])
+    expected = 0.5 * base(logits[0], targets[0], available) + 0.5 * base(logits[1], targets[1], organs)
+    torch.testing.assert_close(value, expected)
+    flipped = [t.clone() for t in targets]
+    flipped[1][:, 2] = ~flipped[1][:, 2].bool()
+    torch.testing.assert_close(wrapper(logits, flipped, [available, organs]), value)
+    with pytest.raises(ValueError, match="availability masks"):
+        wrapper(logits, targets, [available])

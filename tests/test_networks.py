@@ -419,3 +419,27 @@ def test_update_dropout_skips_whole_updates_in_training_only() -> None:
     assert torch.equal(first, seen[-1]) and bool(((first - q).abs().amax(dim=(1, 2)) > 0).all())
     with pytest.raises(ValueError, match="update_dropout"):
         KMMMLayer(3, 16, num_heads=2, update_dropout=1.0)
+
+
+def test_query_channels_give_queries_to_those_classes_only() -> None:
+    """Organ-only stage 1: 2 of 4 classes have a query; every output keeps 4 channels, the others hold
+    the constant NO_QUERY_LOGIT and take no gradient, and the queried channels train."""
+    from nnunetv2_dsm.networks.dsm_network import NO_QUERY_LOGIT
+
+    net, _, patch = build(2, num_classes=4, query_channels=[0, 2])
+    assert net.queries.weight.shape[0] == 2 and net.num_stage1_queries == 2
+    assert net.queried.tolist() == [True, False, True, False]
+    net.deep_supervision = True
+    x = torch.randn(2, 1, *patch)
+    outputs, extras = net(x, return_extras=True)
+    assert all(o.shape[:2] == (2, 4) for o in outputs)
+    for o in outputs:
+        assert bool((o[:, [1, 3]] == NO_QUERY_LOGIT).all()) and not bool((o[:, [0, 2]] == NO_QUERY_LOGIT).any())
+    assert extras["class_logits"].shape == (2, 4) and bool((extras["class_logits"][:, [1, 3]] == NO_QUERY_LOGIT).all())
+    sum(o[:, [0, 2]].mean() for o in outputs).backward()
+    assert net.queries.weight.grad is not None and bool(net.queries.weight.grad.abs().sum() > 0)
+
+    all_classes, _, _ = build(2, num_classes=4, query_channels=[0, 1, 2, 3])
+    assert all_classes.query_channels is None and all_classes.queried.all(), "every class queried = the default"
+    with pytest.raises(ValueError, match="query_channels"):
+        build(2, num_classes=4, query_channels=[0, 4])

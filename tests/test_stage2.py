@@ -28,6 +28,7 @@ from nnunetv2_dsm.cli import predict as predict_cli
 from nnunetv2_dsm.data.merge import MergeSource, merge_datasets
 from nnunetv2_dsm.data.synthesis import build_tumour_benchmark, example_cases
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset
+from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.inference.predictor import DSMPredictionError, DSMPredictor, check_prompts, prompt_slug
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
 from nnunetv2_dsm.text import EncoderMismatchError, save_embeddings
@@ -439,3 +440,27 @@ def test_prediction_does_not_depend_on_input_orientation(stage2: Path, inputs: P
             maps[code].append(sitk.GetArrayFromImage(sitk.DICOMOrient(written, "RAS")))
     assert np.array_equal(maps["RAS"][0], maps["LPS"][0])
     assert np.allclose(maps["RAS"][1], maps["LPS"][1], atol=1e-5)
+
+
+def test_stage1_queries_organs_only_and_stage2_keeps_them(stage1: Path, stage2: Path) -> None:
+    """The spec's stage 1: a query per organ class; tumour classes (seen ones included) have none, so
+    stage 2 learns them through its tumour queries and the text only. A stage-1 model asked for a
+    tumour class says to train stage 2."""
+    model1 = stage1.parent.parent
+    dataset = DSMDataset.from_json(json.loads((model1 / "dataset.json").read_text()))
+    assert len(dataset.organ_channels) < len(dataset.classes), "the test dataset labels seen tumours"
+    for model in (model1, stage2):
+        arch = json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+        assert arch["arch_kwargs"]["query_channels"] == dataset.organ_channels
+    weights = torch.load(stage1, map_location="cpu", weights_only=False)["network_weights"]
+    assert weights["queries.weight"].shape[0] == len(dataset.organ_channels)
+    network = _network_from(stage2, DSMTrainerStage2)
+    assert network.queried.tolist() == [i in dataset.organ_channels for i in range(len(dataset.classes))]
+
+    tumour = next(dataset.prompts[n] for n in dataset.classes if dataset.is_tumour(n))
+    predictor = DSMPredictor([tumour], use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    with pytest.raises(DSMPredictionError, match="stage 2"):
+        predictor.initialize_from_trained_model_folder(str(model1), (0,), "checkpoint_final.pth")
+    organ = DSMPredictor([dataset.prompts[dataset.organs[0]]], use_mirroring=False, device=torch.device("cpu"),
+                         allow_tqdm=False)
+    organ.initialize_from_trained_model_folder(str(model1), (0,), "checkpoint_final.pth")

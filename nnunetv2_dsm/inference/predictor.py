@@ -49,6 +49,7 @@ from nnunetv2_dsm.io.checkpoint import readable_checkpoint
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY, reorient_files, restore_geometry
 from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
 from nnunetv2_dsm.networks.amvp import minmax_per_case
+from nnunetv2_dsm.networks.dsm_network import DSMNetwork
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
 from nnunetv2_dsm.text import check_encoder_matches, class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.text.record import TEXT_CHECKPOINT_KEY, TEXT_JSON
@@ -271,6 +272,15 @@ class DSMPredictor(nnUNetPredictor):
                 network.export_anomaly = True
                 self.network = TrainedClassSelection(network, channels, organ, anomaly_from=len(trained))
             else:
+                queried = network.queried if isinstance(network, DSMNetwork) else None
+                unqueried = [trained[c] for c in channels if queried is not None and not queried[c]]
+                if unqueried:
+                    raise DSMPredictionError(
+                        f"{model_folder}: this is a DSM stage-1 model, which has a query for organs only; "
+                        f"{unqueried} are tumour classes, which stage 2 predicts. Train stage 2 from this model "
+                        "(nnUNetv2_train ... -tr DSMTrainerStage2 -pretrained_weights <its checkpoint>) and "
+                        "predict with that, or ask this model for organs only"
+                    )
                 self.network = TrainedClassSelection(network, channels, organ, anomaly_from=None)
         self.network.eval()
         labels = {"background": 0, **{slug: i + 1 for i, slug in enumerate(self.slugs)},

@@ -1,7 +1,10 @@
 """DSM stage-1 network: ResEnc backbone, pixel decoder, organ queries refined by kMMM layers.
 
 Built by nnU-Net's ``get_network_from_plans`` from ResEnc arch_kwargs plus the DSM keys. One query
-per foreground class (sigmoid multi-label). Outputs are logits; the network applies no sigmoid.
+per queried class (sigmoid multi-label): every foreground class, or with ``query_channels`` only those
+output channels (the DSM trainers pass the organ channels, so tumours have no stage-1 query and reach the
+output only through stage 2's tumour queries and the text). Outputs are logits over all classes; a
+channel without a query holds the constant ``NO_QUERY_LOGIT``. The network applies no sigmoid.
 """
 
 from collections.abc import Callable, Iterator, Mapping
@@ -19,6 +22,10 @@ from torch import nn
 from nnunetv2_dsm.networks.backbone import DSMPixelDecoder, feature_level_stages, num_feature_levels
 from nnunetv2_dsm.networks.heads import ClassHead
 from nnunetv2_dsm.networks.kmmm import KMMMLayer
+
+# Logit of an output channel that has no query: sigmoid = 9e-14, finite so that a masked-out loss term
+# stays 0 (never 0 * inf).
+NO_QUERY_LOGIT = -30.0
 
 
 class LazyExtras(Mapping[str, Any]):
@@ -90,6 +97,7 @@ class DSMNetwork(nn.Module):
         update_queries: bool = True,
         background_query: bool = False,
         update_dropout: float = 0.0,
+        query_channels: list[int] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -129,7 +137,16 @@ class DSMNetwork(nn.Module):
         )
         # With a background query, every class mask is relative to it: logit_c = m_c - m_bg.
         self.background_query = background_query
-        num_queries = num_classes + int(background_query)
+        queried = list(range(num_classes)) if query_channels is None else [int(c) for c in query_channels]
+        if not queried or any(not 0 <= c < num_classes for c in queried) or len(set(queried)) != len(queried):
+            raise ValueError(
+                f"query_channels must be distinct output channels in [0, {num_classes}) and not empty, got "
+                f"{query_channels}: list the classes that get a stage-1 query (None = all)."
+            )
+        # Identity when every class has a query: outputs keep their shape and old checkpoints load.
+        self.query_channels = None if queried == list(range(num_classes)) else queried
+        self.num_stage1_queries = len(queried)
+        num_queries = len(queried) + int(background_query)
         self.queries = nn.Embedding(num_queries, query_dim)
         self.kmmm_layers = nn.ModuleList(
             [
@@ -179,13 +196,14 @@ class DSMNetwork(nn.Module):
         for layer, f in zip(self.kmmm_layers, features):
             q, m = layer(q, f, straight_through)
             responses.append(self.relative_to_background(m))
-        final = self.relative_to_background(self.decoder.pixel_proj(q, last_stage))
+        final = self.to_classes(self.relative_to_background(self.decoder.pixel_proj(q, last_stage)))
+        responses = [self.to_classes(m) for m in responses]
         output = [final, *responses[::-1]] if self.deep_supervision else final
         if not return_extras:
             return output
         background, q = (q[:, :1], q[:, 1:]) if self.background_query else (None, q)
         extras = LazyExtras(
-            {"queries": q, "background_query": background, "class_logits": self.class_head(q),
+            {"queries": q, "background_query": background, "class_logits": self.to_classes(self.class_head(q)),
              "responses": responses, "features": features},
             {"pixel_embedding": lambda: self.decoder.pixel_embedding(last_stage)},
         )
@@ -195,6 +213,22 @@ class DSMNetwork(nn.Module):
         """Class mask logits ``m_c - m_bg`` with a background query (query 0), else the masks as they are."""
         # masks: (B, N(+1), *S) -> (B, N, *S)
         return masks[:, 1:] - masks[:, :1] if self.background_query else masks
+
+    def to_classes(self, per_query: torch.Tensor) -> torch.Tensor:
+        """Per-query logits in output-channel order; channels without a query get ``NO_QUERY_LOGIT``."""
+        # per_query: (B, Nq, *S) -> (B, K, *S)
+        if self.query_channels is None:
+            return per_query
+        out = per_query.new_full((per_query.shape[0], self.num_classes, *per_query.shape[2:]), NO_QUERY_LOGIT)
+        out[:, self.query_channels] = per_query
+        return out
+
+    @property
+    def queried(self) -> torch.Tensor:
+        """(K,) bool: the output channels that have a stage-1 query."""
+        mask = torch.zeros(self.num_classes, dtype=torch.bool)
+        mask[self.query_channels if self.query_channels is not None else slice(None)] = True
+        return mask
 
     def compute_conv_feature_map_size(self, input_size: list[int] | tuple[int, ...]) -> np.int64:
         """Activation count estimate for nnU-Net's VRAM heuristics (input_size without channels)."""

@@ -1,7 +1,7 @@
 """DSM stage-2 network: stage-1 DSM plus tumour queries, AMVP, DQR and text-aligned open-vocabulary output.
 
-The stage-1 part (encoder, pixel decoder, one query per dataset class refined by the kMMM layers) keeps
-its parameter names and shapes. Everything stage 2 adds lives under ``stage2.seg_layers``: nnU-Net's
+The stage-1 part (encoder, pixel decoder, one query per organ class, ``query_channels``, refined by the
+kMMM layers) keeps its parameter names and shapes. Everything stage 2 adds lives under ``stage2.seg_layers``: nnU-Net's
 ``load_pretrained_weights`` (``nnUNetv2_train -pretrained_weights``) requires every key of the new
 network to exist with the same shape in the checkpoint, except keys containing ``.seg_layers.`` (the
 task-specific heads it re-initialises when fine-tuning). Naming the stage-2 heads that way lets a
@@ -231,7 +231,7 @@ class DSMStage2Network(DSMNetwork):
         straight_through = not self.deep_supervision and torch.is_grad_enabled()  # as in DSMNetwork.forward
         for level, (kmmm, dqr, f) in enumerate(zip(self.kmmm_layers, head.dqr_layers, features)):
             q, m = kmmm(q, f, straight_through)
-            m = self.relative_to_background(m)
+            m = self.to_classes(self.relative_to_background(m))
             responses.append(m)
             prompt = head.amvp(m[:, head.organ_index], f.shape[2:], level)[1] if head.use_amvp else None
             tumour, _, guide = dqr(tumour, q[:, int(self.background_query):], f, guide, prompt)
@@ -239,7 +239,7 @@ class DSMStage2Network(DSMNetwork):
         masks = self.relative_to_background(self.decoder.pixel_proj(torch.cat([q, tumour], dim=1), last_stage))
         q = q[:, int(self.background_query):]
         all_queries = torch.cat([q, tumour], dim=1)
-        final = masks[:, : self.num_classes]
+        final = self.to_classes(masks[:, : self.num_stage1_queries])
         class_logits = head.alignment(all_queries, head.class_vectors())
         no_object_logits = head.alignment(all_queries, head.no_object)
         if head.prompt_embeddings is not None and not self.deep_supervision:
@@ -264,7 +264,7 @@ class DSMStage2Network(DSMNetwork):
         extras = LazyExtras(
             {
                 "queries": q,
-                "class_logits": self.class_head(q),
+                "class_logits": self.to_classes(self.class_head(q)),
                 "responses": responses,
                 "features": features,
                 "tumour_queries": tumour,

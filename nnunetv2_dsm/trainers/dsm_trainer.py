@@ -5,6 +5,7 @@ through ``nnUNetv2_predict``) is inherited; only the hooks that depend on the ne
 format and on partial labels are overridden.
 """
 
+import copy
 import os
 import random
 
@@ -14,6 +15,7 @@ from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast
 from torch._dynamo import OptimizedModule
 
@@ -48,7 +50,17 @@ class DSMCheckpointError(DSMError, RuntimeError):
 
 
 class DSMTrainer(nnUNetTrainer):
+    """DSM stage 1: one query per organ class.
+
+    The spec's stage 1 queries organs only: on a dataset that also labels tumours, the trainer writes the
+    organ channels into its copy of the plans (arch_kwargs ``query_channels``), the tumour channels get no
+    query (their output is the constant ``NO_QUERY_LOGIT``) and no loss, and stage 2 learns every tumour
+    through its tumour queries and the text. ``organ_queries = False`` (``DSMTrainer_allQueries``) gives
+    every class a query instead.
+    """
+
     class_loss_weight: float = 1.0
+    organ_queries: bool = True
     # The network this trainer builds, and the settings it adds to the plans' arch_kwargs (stage 2
     # overrides both); every ablation changes arch_overrides only.
     network_class: type[DSMNetwork] = DSMNetwork
@@ -59,8 +71,11 @@ class DSMTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         check_dsm_plans(plans, configuration, type(self).__name__)
         seed_from_environment()
+        dataset = DSMDataset.from_json(dataset_json)
+        if self.organ_queries and len(dataset.organ_channels) < len(dataset.classes):
+            plans = plans_with_arch_kwargs(plans, configuration, {"query_channels": dataset.organ_channels})
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dsm_dataset = DSMDataset.from_json(dataset_json)
+        self.dsm_dataset = dataset
         self.class_names = self.label_manager.foreground_names
         self.class_loss = ClassPresenceBCE()
 
@@ -118,18 +133,25 @@ class DSMTrainer(nnUNetTrainer):
     def _availability(self, keys) -> torch.Tensor:
         return availability_from_keys(keys, self.dsm_dataset, self.class_names, device=self.device)
 
+    def _output_availability(self, available: torch.Tensor, queried: torch.Tensor) -> torch.Tensor | list:
+        """Availability mask of the loss: stage 1's outputs count only the classes that have a query."""
+        return queried
+
     def _forward_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list, torch.Tensor | list, torch.Tensor]:
+        """Loss, output, target and the availability mask of the first output (for the pseudo-Dice)."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
         available = self._availability(batch["keys"])
+        queried = available & self._unwrapped_network().queried.to(available.device)
+        per_output = self._output_availability(available, queried)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output, extras = self.network(data, return_extras=True)
             full_res_target = target[0] if isinstance(target, list) else target
-            loss = self.loss(output, target, available) + self.class_loss_weight * self.class_loss(
-                extras["class_logits"], full_res_target, available)
-        return loss, output, target, available
+            loss = self.loss(output, target, per_output) + self.class_loss_weight * self.class_loss(
+                extras["class_logits"], full_res_target, queried)
+        return loss, output, target, per_output[0] if isinstance(per_output, list) else per_output
 
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -211,6 +233,23 @@ class DSMTrainer(nnUNetTrainer):
         # a killed earlier save of this checkpoint leaves its temporary behind; atomic_path removes it
         with atomic_path(filename) as tmp:
             super().save_checkpoint(str(tmp))
+
+
+def plans_with_arch_kwargs(plans: dict, configuration: str, arch_kwargs: dict,
+                           network_class_name: str | None = None) -> dict:
+    """A copy of the plans whose configuration's arch_kwargs carry ``arch_kwargs`` (and the network named).
+
+    The trainer's copy is what nnU-Net writes to the results folder's plans.json, so ``nnUNetv2_predict``
+    and the DSM predictor rebuild the network actually trained.
+    """
+    plans = copy.deepcopy(plans)
+    resolved = PlansManager(plans).get_configuration(configuration).configuration
+    architecture = copy.deepcopy(resolved["architecture"])
+    architecture["arch_kwargs"] = {**architecture["arch_kwargs"], **arch_kwargs}
+    if network_class_name is not None:
+        architecture["network_class_name"] = network_class_name
+    plans["configurations"][configuration]["architecture"] = architecture
+    return plans
 
 
 def seed_from_environment() -> None:

@@ -5,9 +5,11 @@ Train stage 1 with ``DSMTrainer``, then stage 2 from its weights with the stock 
     nnUNetv2_train D 3d_fullres 0 -tr DSMTrainerStage2 -p DSMPlans \
         -pretrained_weights .../DSMTrainer__DSMPlans__3d_fullres/fold_0/checkpoint_final.pth
 
-Both stages must use the same dataset classes (one stage-1 query per class). The deep-supervision
-outputs after the semantic one are the stage-1 outputs on all K classes, so the partial-label loss keeps
-training the organ queries and stage 2 does not forget them.
+Both stages must use the same dataset classes and the same stage-1 queries (one per organ class, see
+``DSMTrainer``). The deep-supervision outputs after the semantic one are the stage-1 outputs; the
+partial-label loss keeps training the organ queries on them (tumour channels, which have no stage-1
+query, are left out there), so stage 2 does not forget the organs. Seen tumours are learned only
+through the semantic output: the tumour queries and the text.
 
 The text encoder (class attribute ``text_encoder_spec``, env var ``DSM_TEXT_ENCODER`` overrides) embeds
 the dataset's class prompts; the network's embedding width and organ channels are written into this
@@ -16,7 +18,6 @@ DSM predictor rebuild the same network, and the embeddings are stored in every c
 ``dsm_text``) and in ``<fold folder>/dsm_text.json`` + ``dsm_text_embeddings.pt``.
 """
 
-import copy
 import json
 import os
 
@@ -30,7 +31,7 @@ from nnunetv2_dsm.io.atomic import atomic_path
 from nnunetv2_dsm.networks.dsm_stage2 import STAGE2_DEFAULTS, DSMStage2Network
 from nnunetv2_dsm.text import class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.text.record import TEXT_CHECKPOINT_KEY, TEXT_EMBEDDINGS, TEXT_JSON
-from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
+from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer, plans_with_arch_kwargs
 from nnunetv2_dsm.trainers.variants import _NoMirroring, _ShortSchedule
 from nnunetv2_dsm.vocabulary import prompt_for
 
@@ -86,20 +87,17 @@ class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
 
     def _plans_with_stage2_kwargs(self, plans: dict, configuration: str, dataset_json: dict, text_dim: int) -> dict:
         """A copy of the plans whose configuration carries the stage-2 arch_kwargs (text_dim, organ channels)."""
-        plans = copy.deepcopy(plans)
-        resolved = PlansManager(plans).get_configuration(configuration).configuration
-        architecture = copy.deepcopy(resolved["architecture"])
-        architecture["arch_kwargs"] = {
-            **STAGE2_DEFAULTS,
-            **architecture["arch_kwargs"],
-            **self.stage2_kwargs,
-            "text_dim": text_dim,
-            "organ_channels": DSMDataset.from_json(dataset_json).organ_channels,
-        }
+        arch = PlansManager(plans).get_configuration(configuration).network_arch_init_kwargs
+        kwargs = {**STAGE2_DEFAULTS, **arch, **self.stage2_kwargs, "text_dim": text_dim,
+                  "organ_channels": DSMDataset.from_json(dataset_json).organ_channels}
         # The results folder's plans.json then names the network actually built.
-        architecture["network_class_name"] = STAGE2_NETWORK
-        plans["configurations"][configuration]["architecture"] = architecture
-        return plans
+        return plans_with_arch_kwargs(plans, configuration, kwargs, STAGE2_NETWORK)
+
+    def _output_availability(self, available: torch.Tensor, queried: torch.Tensor) -> torch.Tensor | list:
+        """The semantic output counts every annotated class; the stage-1 outputs after it only the queried ones."""
+        if not self.enable_deep_supervision:
+            return available
+        return [available] + [queried] * (len(self._get_deep_supervision_scales()) - 1)
 
     def initialize(self) -> None:
         first = not self.was_initialized
