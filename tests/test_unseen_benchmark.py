@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from nnunetv2_dsm.data.unseen_benchmark import SEEN, UNSEEN, build_unseen_benchmark
 from nnunetv2_dsm.visualization import score_overlay_png
@@ -59,6 +60,20 @@ def test_test_patients_carry_unseen_lesions_inside_their_host_organ(benchmark, e
             assert hosts & set(np.unique(label[ring & ~lesion]).tolist())
     c_case = next(c for c, i in placed.items() if i["patient"] == "tsexample_C")
     assert sorted(data["dsm"]["class_availability"][c_case]) == ["aorta", "aortic_tumor"]
+
+
+def test_clean_images_differ_from_the_test_cases_inside_the_lesions_only(benchmark):
+    _, test = benchmark
+    data = json.loads((test / "dataset.json").read_text())
+    for case, info in data["dsm"]["benchmark"]["lesions_placed"].items():
+        clean = _array(test / "clean" / f"{info['patient']}_0000.nii.gz")
+        image = _array(test / "images" / f"{case}_0000.nii.gz")
+        lesion = _array(test / "labels" / f"{case}.nii.gz") >= min(data["labels"][t] for t in info["lesions"])
+        changed = clean != image
+        # lesion edges are blurred into the voxels around them (synthesis' edge_blur_mm)
+        near = ndimage.binary_dilation(lesion, iterations=3)
+        assert (changed & lesion).sum() > 0.5 * lesion.sum(), f"{case}: the clean CT lacks the lesions"
+        assert (changed & ~near).sum() < 0.01 * changed.sum(), f"{case}: the clean CT is the same patient elsewhere"
 
 
 def test_score_overlay_png(tmp_path):

@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Subcommand modules; each exposes register(subparsers).
-SUBCOMMANDS = ("demo", "example_dataset", "check", "recipe", "merge", "synth", "predict", "anomaly", "posthoc", "evaluate",
+SUBCOMMANDS = ("demo", "example_dataset", "check", "recipe", "merge", "synth", "predict", "anomaly", "posthoc", "diffugts", "evaluate",
                "leaderboard", "embed")
 
 

@@ -8,7 +8,8 @@
   patient B (``tsexample_B``, contrast-enhanced upper abdomen, another scanner) with spleen and
   stomach tumours, patient C (``tsexample_C``, chest CT angiogram) with aortic lesions. The test
   ``dataset.json`` is the training classes (same label ids) plus the unseen types; per-case
-  availability says what each test label map annotates (C: the aorta and its lesions only).
+  availability says what each test label map annotates (C: the aorta and its lesions only);
+  ``clean/<patient>_0000.nii.gz`` is each test patient's CT before any lesion was inserted.
 
 Organ labels are TotalSegmentator model output; the tumours are synthetic
 (:func:`~nnunetv2_dsm.data.synthesis.synthesize_lesions`). Every case is stored RAS.
@@ -53,7 +54,7 @@ TEST_VARIANTS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "medium_hypodense": ((8.0, 16.0), (-70.0, -35.0)),
     "large_hyperdense": ((12.0, 24.0), (25.0, 60.0)),
 }
-TEST_IMAGES, TEST_LABELS = "images", "labels"
+TEST_IMAGES, TEST_LABELS, TEST_CLEAN = "images", "labels", "clean"
 
 
 def _patient_c(src: Path) -> tuple[sitk.Image, np.ndarray]:
@@ -83,6 +84,28 @@ def _insert(image: np.ndarray, label: np.ndarray, tumours: Sequence[str], ids: M
         image, label, info = synthesize_lesions(image, label, organ_ids, ids[tumour], spacing, rng, configs[tumour])
         placed[tumour] = info["lesions"]
     return image, label, placed
+
+
+def _write_clean(folder: Path, patients) -> None:
+    """The test patients' CT before any lesion was inserted: ``<folder>/<patient>_0000.nii.gz``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for patient, ct in patients:
+        image = sitk.GetImageFromArray(sitk.GetArrayFromImage(ct).astype(np.int16))
+        image.CopyInformation(ct)
+        write_image(image, folder / f"{patient}_0000.nii.gz")  # the test cases' orientation and type
+
+
+def write_clean_images(test_dir: str | Path, src: str | Path | None = None) -> Path:
+    """Add the lesion-free CT of the test patients (``clean/``) to a test folder built without it.
+
+    The true healthy image of every test case is its patient's clean CT (lesions are the only change),
+    which measures how healthy a pseudo-healthy image is (DiffuGTS).
+    """
+    src = Path(src) if src is not None else example_ct_dir()
+    cases = {name: ct for name, ct, _ in _cases(src)}
+    _write_clean(Path(test_dir) / TEST_CLEAN, (("tsexample_B", cases["tsexample_B"]),
+                                                ("tsexample_C", _patient_c(src)[0])))
+    return Path(test_dir) / TEST_CLEAN
 
 
 def build_unseen_benchmark(dataset_dir: str | Path, test_dir: str | Path, train_variants: int = 4, seed: int = 0,
@@ -146,6 +169,7 @@ def build_unseen_benchmark(dataset_dir: str | Path, test_dir: str | Path, train_
                             stage / TEST_LABELS / f"{case}.nii.gz")
                 test_availability[case] = present + list(placed)
                 test_lesions[case] = {"patient": patient, "variant": variant, "lesions": placed}
+        _write_clean(stage / TEST_CLEAN, (("tsexample_B", b_ct), ("tsexample_C", c_ct)))
         write_json_atomic(stage / "dataset.json", dsm_dataset_json(
             test_ids, 0, test_availability,
             {"tsexample": "totalsegmentator==2.18.0 tests/reference_files, synthetic unseen tumours"},

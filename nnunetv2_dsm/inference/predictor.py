@@ -434,19 +434,28 @@ class DSMPredictor(nnUNetPredictor):
 
     def _export(self, logits: Tensor, properties: dict, targets: list[Path], grid: dict | None = None) -> None:
         # logits: (K' + 1, *S_preprocessed); the last channel is the raw anomaly score
+        logits = self._resample(logits, properties)
+        probabilities = torch.sigmoid(logits[:-1])
+        anomaly = minmax_per_case(logits[-1:])[0]
+        labels = label_map(probabilities, [is_tumour_prompt(p) for p in self.prompts])
+        self._write_volumes([labels.numpy(), *probabilities.numpy(), anomaly.numpy()], properties, targets, grid)
+
+    def _resample(self, channels: Tensor, properties: dict) -> Tensor:
+        """Channels on the preprocessed grid -> the cropped input grid (nnU-Net's probability resampling)."""
+        # channels: (C, *S_preprocessed) -> (C, *S_cropped)
         spacing = [properties["spacing"][i] for i in self.plans_manager.transpose_forward]
         shape = properties["shape_after_cropping_and_before_resampling"]
         current = (self.configuration_manager.spacing if len(self.configuration_manager.spacing) == len(shape)
                    else [spacing[0], *self.configuration_manager.spacing])
-        logits = torch.as_tensor(
-            self.configuration_manager.resampling_fn_probabilities(logits, shape, current, spacing)
+        return torch.as_tensor(
+            self.configuration_manager.resampling_fn_probabilities(channels, shape, current, spacing)
         ).float()
-        probabilities = torch.sigmoid(logits[:-1])
-        anomaly = minmax_per_case(logits[-1:])[0]
-        labels = label_map(probabilities, [is_tumour_prompt(p) for p in self.prompts])
-        volumes = [labels.numpy(), *probabilities.numpy(), anomaly.numpy()]
-        # The label map is written last: its presence marks a finished case, so a prediction killed
-        # half-way never leaves a case that looks complete.
+
+    def _write_volumes(self, volumes: list[np.ndarray], properties: dict, targets: list[Path],
+                       grid: dict | None = None) -> None:
+        """Uncrop, transpose back and write each volume to its target, in the input's geometry."""
+        # The first target (the label map) is written last: its presence marks a finished case, so a
+        # prediction killed half-way never leaves a case that looks complete.
         for volume, target in reversed(list(zip(volumes, targets))):
             full = np.zeros(properties["shape_before_cropping"], dtype=volume.dtype)
             full = insert_crop_into_image(full, volume, properties["bbox_used_for_cropping"])

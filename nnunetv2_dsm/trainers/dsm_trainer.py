@@ -236,15 +236,18 @@ class DSMTrainer(nnUNetTrainer):
 
 
 def plans_with_arch_kwargs(plans: dict, configuration: str, arch_kwargs: dict,
-                           network_class_name: str | None = None) -> dict:
+                           network_class_name: str | None = None, replace: bool = False) -> dict:
     """A copy of the plans whose configuration's arch_kwargs carry ``arch_kwargs`` (and the network named).
 
-    The trainer's copy is what nnU-Net writes to the results folder's plans.json, so ``nnUNetv2_predict``
-    and the DSM predictor rebuild the network actually trained.
+    ``replace`` drops the configuration's own arch_kwargs (another network family). The trainer's copy is
+    what nnU-Net writes to the results folder's plans.json, so ``nnUNetv2_predict`` and the DSM predictor
+    rebuild the network actually trained.
     """
     plans = copy.deepcopy(plans)
     resolved = PlansManager(plans).get_configuration(configuration).configuration
     architecture = copy.deepcopy(resolved["architecture"])
+    if replace:
+        architecture["arch_kwargs"], architecture["_kw_requires_import"] = {}, []
     architecture["arch_kwargs"] = {**architecture["arch_kwargs"], **arch_kwargs}
     if network_class_name is not None:
         architecture["network_class_name"] = network_class_name

@@ -129,6 +129,12 @@ class DSMTrainerStage2(DSMTrainer, _TextCheckpoint):
         _atomic_write(os.path.join(self.output_folder, TEXT_JSON), lambda p: _write_json(record, p))
 
 
+class DSMTrainerStage2_allQueries(DSMTrainerStage2):
+    """Stage 2 from a ``DSMTrainer_allQueries`` model: stage-1 queries for the seen tumours too."""
+
+    organ_queries = False
+
+
 class DSMTrainerStage2_noAMVP(DSMTrainerStage2):
     """Ablation: tumour queries attend everywhere (no anomaly mask prompt)."""
 

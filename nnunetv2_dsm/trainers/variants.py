@@ -67,5 +67,12 @@ class DSMTrainer_noSSM(DSMTrainer):
     arch_overrides = {"use_ssm": False}
 
 
+class DSMTrainer_allQueries(DSMTrainer):
+    """Ablation: a stage-1 query for every class, seen tumours included (train stage 2 from it with
+    ``DSMTrainerStage2_allQueries``)."""
+
+    organ_queries = False
+
+
 class DSMTrainer_contrastAug(ContrastPhaseAugmentation, DSMTrainer):
     """DSMTrainer with contrast-phase augmentation (simulated enhancement of the labelled structures)."""
