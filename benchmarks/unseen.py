@@ -94,6 +94,12 @@ def train(name: str, args, env: dict, log, results: Path) -> float:
         print(f"  {name}: already trained ({folder})", flush=True)
         return float("nan")
     cmd = [str(BIN / "nnUNetv2_train"), DATASET_ID, CONFIGURATION, FOLD, "-tr", trainer, "-p", plans, "-device", "cpu"]
+    if (folder / f"fold_{FOLD}" / "checkpoint_latest.pth").is_file():
+        # an interrupted run continues from its last epoch (the benchmark trainers checkpoint every epoch);
+        # its wall time then covers the remaining epochs only, so it is not recorded
+        print(f"  {name}: continuing from {folder / f'fold_{FOLD}' / 'checkpoint_latest.pth'}", flush=True)
+        run(cmd + ["--c"], {**env, "DSM_BENCHMARK_EPOCHS": str(getattr(args, epochs_of))}, log)
+        return float("nan")
     if start_from is not None:
         cmd += ["-pretrained_weights", str(model_folder(results, start_from) / f"fold_{FOLD}" / "checkpoint_final.pth")]
     return run(cmd, {**env, "DSM_BENCHMARK_EPOCHS": str(getattr(args, epochs_of))}, log)
