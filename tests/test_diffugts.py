@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,33 @@ def test_dsm_plans_for_3d_are_refused(env: dict) -> None:
     out = subprocess.run([str(BIN / "nnUNetv2_train"), DATASET_ID, "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
                           "-device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0 and "2D slices" in out.stdout + out.stderr
+
+
+def test_checkpoints_are_written_atomically(env: dict, tmp_path: Path) -> None:
+    """A save that fails half-way (a full disk) leaves the previous checkpoint as it was and no temporary."""
+    target = tmp_path / "checkpoint_latest.pth"
+    script = textwrap.dedent(f"""
+        import os, torch
+        from nnunetv2.run.run_training import get_trainer_from_args
+        trainer = get_trainer_from_args('{DATASET_ID}', '2d', 0, '{TRAINER}', '{PLANS}', device=torch.device('cpu'))
+        trainer.initialize()
+        trainer.save_checkpoint({str(target)!r})
+        before = open({str(target)!r}, 'rb').read()
+
+        def crash(obj, f, *args, **kwargs):
+            with open(f, 'wb') as handle:
+                handle.write(b'partial')
+            raise OSError('disk full')
+
+        torch.save = crash
+        try:
+            trainer.save_checkpoint({str(target)!r})
+        except OSError:
+            pass
+        else:
+            raise AssertionError('the failed save must raise')
+        assert open({str(target)!r}, 'rb').read() == before, 'previous checkpoint changed'
+        assert sorted(os.listdir({str(tmp_path)!r})) == ['checkpoint_latest.pth'], os.listdir({str(tmp_path)!r})
+        print('ATOMIC OK')
+    """)
+    assert "ATOMIC OK" in run_command([sys.executable, "-c", script], env).stdout

@@ -30,6 +30,7 @@ from nnunetv2_dsm.losses import PartialLabelDiceBCELoss, availability_from_keys
 from nnunetv2_dsm.networks.diffugts import DiffuGTSNetwork
 from nnunetv2_dsm.text import class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.text.anomaly_prompts import pair_embeddings
+from nnunetv2_dsm.trainers.checkpointing import AtomicCheckpoint
 from nnunetv2_dsm.trainers.dsm_trainer import plans_with_arch_kwargs, seed_from_environment
 from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
 from nnunetv2_dsm.trainers.sdseg_trainer import _ConstantAfterWarmup
@@ -46,7 +47,7 @@ class DiffuGTSPlansError(DSMError, RuntimeError):
     pass
 
 
-class DiffuGTSTrainer(_TextCheckpoint):
+class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
     autoencoder_fraction: float = 0.25
     adapter_fraction: float = 0.25
     uncond_probability: float = 0.1

@@ -12,7 +12,6 @@ import random
 import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -23,8 +22,6 @@ from nnunetv2_dsm import settings
 from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.evaluation.partial_summary import mask_unannotated
-from nnunetv2_dsm.io.atomic import atomic_path
-from nnunetv2_dsm.io.checkpoint import readable_checkpoint
 from nnunetv2_dsm.losses import (
     ClassPresenceBCE,
     PartialLabelDeepSupervision,
@@ -34,6 +31,7 @@ from nnunetv2_dsm.losses import (
 from nnunetv2_dsm.networks.dsm_network import DSMNetwork
 from nnunetv2_dsm.networks.ssm import SCAN_BACKEND_VARIABLE, scan_backend
 from nnunetv2_dsm.planners.dsm_planner import DSM_NETWORK
+from nnunetv2_dsm.trainers.checkpointing import AtomicCheckpoint, DSMCheckpointError  # noqa: F401 - re-exported
 from nnunetv2_dsm.trainers.optim import DSMOptimizer, PolyLRPerGroup
 
 
@@ -45,11 +43,7 @@ class DSMNonFiniteError(DSMError, FloatingPointError):
     """The training loss or gradient became NaN or infinite."""
 
 
-class DSMCheckpointError(DSMError, RuntimeError):
-    """A checkpoint file that cannot be read (truncated, or not a torch checkpoint)."""
-
-
-class DSMTrainer(nnUNetTrainer):
+class DSMTrainer(AtomicCheckpoint):
     """DSM stage 1: one query per organ class.
 
     The spec's stage 1 queries organs only: on a dataset that also labels tumours, the trainer writes the
@@ -211,28 +205,6 @@ class DSMTrainer(nnUNetTrainer):
                                        self.label_manager.foreground_regions)
             self.print_to_log_file("Mean Validation Dice over annotated (case, class) pairs:",
                                    summary["foreground_mean"]["Dice"])
-
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """nnU-Net's loading; a file that torch cannot read is a ``DSMCheckpointError`` naming it."""
-        try:
-            super().load_checkpoint(filename_or_checkpoint)
-        except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged file
-            if not isinstance(filename_or_checkpoint, str) or readable_checkpoint(filename_or_checkpoint):
-                raise
-            raise DSMCheckpointError(
-                f"{filename_or_checkpoint}: not a readable checkpoint ({type(err).__name__}: {err}); it is "
-                "truncated or not a torch checkpoint. Delete it to continue from checkpoint_latest.pth / "
-                "checkpoint_best.pth (nnUNetv2_train --c picks the next one), or train without --c"
-            ) from err
-
-    def save_checkpoint(self, filename: str) -> None:
-        """Write to a temporary file and rename, so an interrupted save never leaves a truncated checkpoint."""
-        if self.local_rank != 0 or self.disable_checkpointing:
-            super().save_checkpoint(filename)  # nnU-Net writes nothing then, and says so
-            return
-        # a killed earlier save of this checkpoint leaves its temporary behind; atomic_path removes it
-        with atomic_path(filename) as tmp:
-            super().save_checkpoint(str(tmp))
 
 
 def plans_with_arch_kwargs(plans: dict, configuration: str, arch_kwargs: dict,
