@@ -1,9 +1,8 @@
 """`diffugts-predict` subcommand: DiffuGTS (method re-implemented, diffusion model trained here) for text prompts."""
 
 import argparse
-from pathlib import Path
 
-from nnunetv2_dsm.text.spec import SPEC_HELP
+from nnunetv2_dsm.cli.predict import add_prompt_prediction_arguments, checked_output_and_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,17 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(label ids 1..P where a refined probability exceeds 0.5) and prompts.json, in the input geometry."
         ),
     )
-    parser.add_argument("-i", "--input", required=True, type=Path, help="folder of input images (nnU-Net naming)")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (not the input folder)")
-    parser.add_argument("-m", "--model", required=True, type=Path,
-                        help="trained model folder <nnUNet_results>/<Dataset>/DiffuGTSTrainer__<Plans>__2d")
-    parser.add_argument("--prompts", required=True, nargs="+", metavar="TEXT",
-                        help='tumour names, e.g. "pancreas tumor" "spleen tumor"')
+    add_prompt_prediction_arguments(parser, "trained model folder <nnUNet_results>/<Dataset>/DiffuGTSTrainer__<Plans>__2d",
+                                    'tumour names, e.g. "pancreas tumor" "spleen tumor"')
     parser.add_argument("-f", "--fold", default=None, help="the fold's model to use (default: the only fold)")
-    parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in fold_X")
-    parser.add_argument("--device", default="cuda", help="torch device: cuda, cpu or mps (default: cuda)")
-    parser.add_argument("--text-encoder", default=None,
-                        help=f"override the encoder stored with the model (same embedding space); {SPEC_HELP}")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="attention probability above which a region is inpainted healthy (default 0.5)")
     parser.add_argument("--inpaint-steps", type=int, default=25, help="DDIM steps of the RePaint inpainting")
@@ -35,19 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from nnunetv2_dsm.checks.inputs import InputError
     from nnunetv2_dsm.inference.diffugts_predictor import DiffuGTSPredictor
     from nnunetv2_dsm.inference.predictor import DSMPredictionError
     from nnunetv2_dsm.text import EncoderMismatchError, MissingPromptError
 
-    if args.output.exists() and not args.output.is_dir():
-        raise DSMPredictionError(f"-o {args.output} is an existing file, not a folder; give a folder for the outputs")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DSMPredictionError("--device cuda (the default) but torch sees no CUDA GPU on this machine; "
-                                 "predict with --device cpu")
+    device = checked_output_and_device(args)
     if not 0 < args.threshold < 1 or args.inpaint_steps < 1:
         raise DSMPredictionError(f"--threshold must lie in (0, 1) and --inpaint-steps be >= 1, got {args.threshold} "
                                  f"and {args.inpaint_steps}")

@@ -17,18 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(probabilities), scores/<case>_anomaly.nii.gz and prompts.json, in the input geometry."
         ),
     )
-    parser.add_argument("-i", "--input", required=True, type=Path, help="folder of input images (nnU-Net naming)")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (not the input folder)")
-    parser.add_argument("-m", "--model", required=True, type=Path,
-                        help="trained model folder <nnUNet_results>/<Dataset>/<Trainer>__<Plans>__<configuration>")
-    parser.add_argument("--prompts", required=True, nargs="+", metavar="TEXT",
-                        help='class names, e.g. "pancreas tumor" liver_tumor "lung tumor"')
+    add_prompt_prediction_arguments(
+        parser, "trained model folder <nnUNet_results>/<Dataset>/<Trainer>__<Plans>__<configuration>",
+        'class names, e.g. "pancreas tumor" liver_tumor "lung tumor"')
     parser.add_argument("-f", "--folds", nargs="+", default=None,
                         help="folds to ensemble (default: every fold with the checkpoint)")
-    parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in fold_X")
-    parser.add_argument("--device", default="cuda", help="torch device: cuda, cpu or mps (default: cuda)")
-    parser.add_argument("--text-encoder", default=None,
-                        help=f"override the encoder stored with the model (must be the same embedding space); {SPEC_HELP}")
     parser.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     parser.add_argument("--amvp-range", choices=("tile", "case"), default="tile",
@@ -37,12 +30,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def add_prompt_prediction_arguments(parser: argparse.ArgumentParser, model_help: str, prompts_help: str) -> None:
+    """-i, -o, -m, --prompts, --checkpoint, --device and --text-encoder: what every prompt predictor takes."""
+    parser.add_argument("-i", "--input", required=True, type=Path, help="folder of input images (nnU-Net naming)")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output folder (not the input folder)")
+    parser.add_argument("-m", "--model", required=True, type=Path, help=model_help)
+    parser.add_argument("--prompts", required=True, nargs="+", metavar="TEXT", help=prompts_help)
+    parser.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name in fold_X")
+    parser.add_argument("--device", default="cuda", help="torch device: cuda, cpu or mps (default: cuda)")
+    parser.add_argument("--text-encoder", default=None,
+                        help=f"override the encoder stored with the model (must be the same embedding space); {SPEC_HELP}")
+
+
+def checked_output_and_device(args: argparse.Namespace):
+    """The torch device asked for; an output that is a file, or CUDA without a GPU, is an error."""
     import torch
 
-    from nnunetv2_dsm.checks.inputs import InputError
-    from nnunetv2_dsm.inference.predictor import DSMPredictionError, DSMPredictor
-    from nnunetv2_dsm.text import EncoderMismatchError, MissingPromptError
+    from nnunetv2_dsm.inference.predictor import DSMPredictionError
 
     if args.output.exists() and not args.output.is_dir():
         raise DSMPredictionError(f"-o {args.output} is an existing file, not a folder; give a folder for the outputs")
@@ -50,6 +54,15 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DSMPredictionError("--device cuda (the default) but torch sees no CUDA GPU on this machine; "
                                  "predict with --device cpu")
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunetv2_dsm.checks.inputs import InputError
+    from nnunetv2_dsm.inference.predictor import DSMPredictionError, DSMPredictor
+    from nnunetv2_dsm.text import EncoderMismatchError, MissingPromptError
+
+    device = checked_output_and_device(args)
     folds = None if args.folds is None else [f if f == "all" else int(f) for f in args.folds]
     try:
         predictor = DSMPredictor(args.prompts, text_encoder=args.text_encoder, tile_step_size=args.step_size,
