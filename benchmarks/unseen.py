@@ -138,6 +138,8 @@ def main() -> None:
         for name in args.models:
             seconds = train(name, args, env, log, results)
             if seconds == seconds:
+                # re-read first: several invocations may train different models in the same work folder
+                timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
                 timings[name] = round(seconds, 1)
                 timings_file.write_text(json.dumps(timings, indent=1))
     if args.train_only:
