@@ -46,10 +46,11 @@ MODELS = {
     "dsm": ("DSMTrainerStage2_Benchmark_contrastAug", "DSMPlansCPU", "stage2_epochs", "dsm_stage1"),
     "nnunet": ("DSMBaselineTrainer_Benchmark_contrastAug", "ResEncPlansCPU", "total_epochs", None),
     "dsm_no_amvp": ("DSMTrainerStage2_Benchmark_contrastAug_noAMVP", "DSMPlansCPU", "stage2_epochs", "dsm_stage1"),
+    "dsm_no_dqr": ("DSMTrainerStage2_Benchmark_contrastAug_noDQR", "DSMPlansCPU", "stage2_epochs", "dsm_stage1"),
     "diffugts": ("DiffuGTSTrainer_Benchmark_contrastAug", "DSMPlansCPU", "total_epochs", None),
 }
 POSTHOC_MODELS = ("nnunet",)
-PROMPT_MODELS = ("dsm", "dsm_no_amvp")
+PROMPT_MODELS = ("dsm", "dsm_no_amvp", "dsm_no_dqr")
 DIFFUGTS_MODELS = ("diffugts",)
 
 
@@ -109,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--models", nargs="+", default=["dsm_stage1", "dsm", "nnunet"], choices=list(MODELS),
-                        help="dsm_no_amvp (the stage-2 ablation) and diffugts (DiffuGTS method, diffusion model "
+                        help="dsm_no_amvp and dsm_no_dqr (stage-2 ablations) and diffugts (DiffuGTS method, diffusion model "
                              "trained here) are not in the default run")
     parser.add_argument("--stage1-epochs", type=int, default=8)
     parser.add_argument("--stage2-epochs", type=int, default=2)

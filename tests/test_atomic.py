@@ -87,3 +87,29 @@ def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path: P
         tmp.write_bytes(b"weights")
     assert not stale.exists() and busy.exists()
     assert (tmp_path / "checkpoint_best.pth").read_bytes() == b"weights"
+
+
+def test_every_method_trainer_of_the_package_writes_checkpoints_atomically():
+    """DSM, SDSeg and DiffuGTS trainers inherit ``AtomicCheckpoint``; only the stock nnU-Net baselines do not."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    import nnunetv2_dsm.trainers as trainers
+    from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
+    from nnunetv2_dsm.trainers.checkpointing import AtomicCheckpoint
+
+    checked, plain = [], []
+    for info in pkgutil.iter_modules(trainers.__path__):
+        module = importlib.import_module(f"{trainers.__name__}.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != module.__name__ or not issubclass(cls, nnUNetTrainer) or name.startswith("_"):
+                continue
+            if issubclass(cls, StockBaselineTrainer) or issubclass(cls, AtomicCheckpoint):
+                checked.append(name)
+            else:
+                plain.append(name)
+    assert {"DSMTrainer", "DSMTrainerStage2", "SDSegTrainer", "DiffuGTSTrainer"} <= set(checked)
+    assert plain == [], f"trainers saving checkpoints with nnU-Net's plain torch.save: {plain}"

@@ -152,6 +152,12 @@ class DSMTrainerStage2_Benchmark_contrastAug_noAMVP(DSMTrainerStage2_Benchmark_c
     arch_overrides = {"use_amvp": False}
 
 
+class DSMTrainerStage2_Benchmark_contrastAug_noDQR(DSMTrainerStage2_Benchmark_contrastAug):
+    """The unseen-tumour benchmark's no-DQR ablation: tumour queries attend to the plain pixel feature."""
+
+    arch_overrides = {"use_dqr": False}
+
+
 class DiffuGTSTrainer_Benchmark(_BenchmarkSchedule, DiffuGTSTrainer):
     """DiffuGTS (method re-implemented, diffusion model trained here) on the benchmark's budget, at half the
     default widths: at the defaults one CPU step on the CPU plans' 14 slices of 112 x 128 takes 6-10 s."""

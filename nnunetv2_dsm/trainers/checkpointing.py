@@ -1,6 +1,6 @@
 """Checkpoints that are never half-written and that say clearly when they cannot be read.
 
-A mixin for every trainer of this package (DSM, DiffuGTS): nnU-Net's ``save_checkpoint`` writes into a
+A mixin for every trainer of this package (DSM, SDSeg, DiffuGTS): nnU-Net's ``save_checkpoint`` writes into a
 temporary file that is renamed when complete, and ``load_checkpoint`` turns an unreadable file into a
 ``DSMCheckpointError`` naming it and the way to continue.
 """

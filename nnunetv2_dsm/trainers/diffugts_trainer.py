@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from torch._dynamo import OptimizedModule
 
 from nnunetv2_dsm import settings
 from nnunetv2_dsm.dataset import DSMDataset
@@ -32,9 +31,10 @@ from nnunetv2_dsm.text import class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.text.anomaly_prompts import pair_embeddings
 from nnunetv2_dsm.trainers.checkpointing import AtomicCheckpoint
 from nnunetv2_dsm.trainers.dsm_trainer import plans_with_arch_kwargs, seed_from_environment
+from nnunetv2_dsm.trainers.optim import ConstantAfterWarmup
 from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
-from nnunetv2_dsm.trainers.sdseg_trainer import _ConstantAfterWarmup
 from nnunetv2_dsm.trainers.stage2 import _TextCheckpoint
+from nnunetv2_dsm.trainers.unwrap import bare_network
 from nnunetv2_dsm.vocabulary import prompt_for
 
 DIFFUGTS_NETWORK = f"{DiffuGTSNetwork.__module__}.{DiffuGTSNetwork.__name__}"
@@ -103,8 +103,7 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
                                                            for i in range(len(self.prompt_names))])
 
     def _net(self) -> DiffuGTSNetwork:
-        mod = self.network.module if self.is_ddp else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return bare_network(self)
 
     def text_record(self) -> dict:
         return {"encoder_id": self.text_encoder.encoder_id, "encoder_spec": self.encoder_spec,
@@ -135,7 +134,7 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
     def configure_optimizers(self):
         groups = [{"params": params, "lr": lr} for params, lr in zip(self._parts().values(), self.learning_rates)]
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rates[0], weight_decay=0.0)
-        return optimizer, _ConstantAfterWarmup(optimizer, self.warmup_epochs)
+        return optimizer, ConstantAfterWarmup(optimizer, self.warmup_epochs)
 
     def _build_loss(self):
         return None  # the step computes each phase's loss

@@ -16,7 +16,6 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast
-from torch._dynamo import OptimizedModule
 
 from nnunetv2_dsm import settings
 from nnunetv2_dsm.dataset import DSMDataset
@@ -33,6 +32,7 @@ from nnunetv2_dsm.networks.ssm import SCAN_BACKEND_VARIABLE, scan_backend
 from nnunetv2_dsm.planners.dsm_planner import DSM_NETWORK
 from nnunetv2_dsm.trainers.checkpointing import AtomicCheckpoint, DSMCheckpointError  # noqa: F401 - re-exported
 from nnunetv2_dsm.trainers.optim import DSMOptimizer, PolyLRPerGroup
+from nnunetv2_dsm.trainers.unwrap import bare_network
 
 
 class DSMPlansError(DSMError, RuntimeError):
@@ -96,8 +96,7 @@ class DSMTrainer(AtomicCheckpoint):
         return optimizer, PolyLRPerGroup(optimizer, self.num_epochs)
 
     def _unwrapped_network(self) -> DSMNetwork:
-        mod = self.network.module if self.is_ddp else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return bare_network(self)
 
     def on_train_start(self) -> None:
         super().on_train_start()

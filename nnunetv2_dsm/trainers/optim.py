@@ -110,3 +110,15 @@ class PolyLRPerGroup:
 def parameter_names(network: nn.Module, parameters: Iterable[nn.Parameter]) -> list[str]:
     ids = {id(p) for p in parameters}
     return [n for n, p in network.named_parameters() if id(p) in ids]
+
+
+class ConstantAfterWarmup(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warm-up over ``warmup`` epochs, then constant; ``step(epoch)`` as nnU-Net calls it."""
+
+    def __init__(self, optimizer, warmup: int):
+        super().__init__(optimizer, lambda epoch: min(1.0, (epoch + 1) / max(1, warmup)))
+
+    def step(self, epoch=None):  # nnU-Net passes the epoch
+        self.last_epoch = self.last_epoch + 1 if epoch is None else epoch
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr

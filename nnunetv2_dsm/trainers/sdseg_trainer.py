@@ -21,37 +21,26 @@ AdamW at constant learning rate after a short warm-up, as LDM trains.
 
 import numpy as np
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
-from torch._dynamo import OptimizedModule
 
 from nnunetv2_dsm import settings
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.networks.sdseg import SDSegNetwork
 from nnunetv2_dsm.planners.sdseg_planner import SDSEG_NETWORK
+from nnunetv2_dsm.trainers.checkpointing import AtomicCheckpoint
 from nnunetv2_dsm.trainers.dsm_trainer import seed_from_environment
+from nnunetv2_dsm.trainers.optim import ConstantAfterWarmup
 from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
+from nnunetv2_dsm.trainers.unwrap import bare_network
 
 
 class SDSegPlansError(DSMError, RuntimeError):
     pass
 
 
-class _ConstantAfterWarmup(torch.optim.lr_scheduler.LambdaLR):
-    """Linear warm-up over ``warmup`` epochs, then constant; ``step(epoch)`` as nnU-Net calls it."""
-
-    def __init__(self, optimizer, warmup: int):
-        super().__init__(optimizer, lambda epoch: min(1.0, (epoch + 1) / max(1, warmup)))
-
-    def step(self, epoch=None):  # nnU-Net passes the epoch
-        self.last_epoch = self.last_epoch + 1 if epoch is None else epoch
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
-
-
-class SDSegTrainer(nnUNetTrainer):
+class SDSegTrainer(AtomicCheckpoint):
     autoencoder_fraction: float = 0.2
     present_class_probability: float = 0.8
     learning_rate: float = 1e-3
@@ -114,12 +103,11 @@ class SDSegTrainer(nnUNetTrainer):
             self.print_to_log_file(f"mask autoencoder from {local} (phase 1 skipped)")
 
     def _net(self) -> SDSegNetwork:
-        mod = self.network.module if self.is_ddp else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return bare_network(self)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, _ConstantAfterWarmup(optimizer, self.warmup_epochs)
+        return optimizer, ConstantAfterWarmup(optimizer, self.warmup_epochs)
 
     def _build_loss(self):
         return self._net_loss
