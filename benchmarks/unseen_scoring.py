@@ -29,7 +29,7 @@ from nnunetv2_dsm.evaluation.lesions import FP_BUDGET, lesion_scores  # noqa: E4
 from nnunetv2_dsm.evaluation.metrics import body_mask  # noqa: E402
 from nnunetv2_dsm.evaluation.posthoc import METHODS  # noqa: E402
 from nnunetv2_dsm.inference.diffugts_predictor import DIFFUGTS_DIR  # noqa: E402
-from nnunetv2_dsm.inference.predictor import ANOMALY, SCORES_DIR, prompt_slug  # noqa: E402
+from nnunetv2_dsm.inference.prompts import ANOMALY, SCORES_DIR, prompt_slug  # noqa: E402
 from nnunetv2_dsm.io import atomic  # noqa: E402
 from nnunetv2_dsm.visualization import score_overlay_png  # noqa: E402
 from nnunetv2_dsm.vocabulary import TUMOUR_PARENTS  # noqa: E402

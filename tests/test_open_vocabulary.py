@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_stage2 import _tiny_network
 
-from nnunetv2_dsm.inference.predictor import is_tumour_prompt, label_map
+from nnunetv2_dsm.inference.prompts import is_tumour_prompt, label_map
 from nnunetv2_dsm.networks.alignment import class_probabilities, prompt_probabilities
 
 pytestmark = pytest.mark.usefixtures("one_thread")

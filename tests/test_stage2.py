@@ -29,7 +29,8 @@ from nnunetv2_dsm.data.merge import MergeSource, merge_datasets
 from nnunetv2_dsm.data.synthesis import build_tumour_benchmark, example_cases
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset
 from nnunetv2_dsm.dataset import DSMDataset
-from nnunetv2_dsm.inference.predictor import DSMPredictionError, DSMPredictor, check_prompts, prompt_slug
+from nnunetv2_dsm.inference.predictor import DSMPredictor
+from nnunetv2_dsm.inference.prompts import DSMPredictionError, check_prompts, prompt_slug
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
 from nnunetv2_dsm.text import EncoderMismatchError, save_embeddings
 from nnunetv2_dsm.trainers.stage2 import TEXT_CHECKPOINT_KEY, DSMTrainerStage2

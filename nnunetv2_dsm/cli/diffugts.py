@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from nnunetv2_dsm.checks.inputs import InputError
     from nnunetv2_dsm.inference.diffugts_predictor import DiffuGTSPredictor
-    from nnunetv2_dsm.inference.predictor import DSMPredictionError
+    from nnunetv2_dsm.inference.prompts import DSMPredictionError
     from nnunetv2_dsm.text import EncoderMismatchError, MissingPromptError
 
     device = checked_output_and_device(args)

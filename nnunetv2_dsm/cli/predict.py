@@ -46,7 +46,7 @@ def checked_output_and_device(args: argparse.Namespace):
     """The torch device asked for; an output that is a file, or CUDA without a GPU, is an error."""
     import torch
 
-    from nnunetv2_dsm.inference.predictor import DSMPredictionError
+    from nnunetv2_dsm.inference.prompts import DSMPredictionError
 
     if args.output.exists() and not args.output.is_dir():
         raise DSMPredictionError(f"-o {args.output} is an existing file, not a folder; give a folder for the outputs")
@@ -59,7 +59,8 @@ def checked_output_and_device(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from nnunetv2_dsm.checks.inputs import InputError
-    from nnunetv2_dsm.inference.predictor import DSMPredictionError, DSMPredictor
+    from nnunetv2_dsm.inference.predictor import DSMPredictor
+    from nnunetv2_dsm.inference.prompts import DSMPredictionError
     from nnunetv2_dsm.text import EncoderMismatchError, MissingPromptError
 
     device = checked_output_and_device(args)

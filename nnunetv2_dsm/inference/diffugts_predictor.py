@@ -23,14 +23,8 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import Tensor
 
 from nnunetv2_dsm.dataset import DSMDataset
-from nnunetv2_dsm.inference.predictor import (
-    SCORES_DIR,
-    DSMPredictionError,
-    DSMPredictor,
-    _unwrap,
-    class_name_for_prompt,
-    label_map,
-)
+from nnunetv2_dsm.inference.predictor import DSMPredictor, _unwrap
+from nnunetv2_dsm.inference.prompts import SCORES_DIR, DSMPredictionError, class_name_for_prompt, label_map
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY
 from nnunetv2_dsm.networks.diffugts import DiffuGTSNetwork
