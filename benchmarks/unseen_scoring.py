@@ -265,7 +265,7 @@ def write_leaderboard(per_case: dict, work: Path, target: Path) -> list[str]:
                           {"per_case": cases, "roi": {"mode": "host organ (parent) for AUROC/FPR95; DSC at the "
                                                               f"{FP_BUDGET:.0%} body FP budget"}}, strict=False)
     _, files = make_leaderboard([root.parent], target)
-    return sorted(str(p) for p in files.values())
+    return sorted(str(Path(p).relative_to(target.parent)) for p in files.values())  # beside the JSON
 
 
 def score_all(args, work: Path, raw: Path, test: Path, env: dict, log, timings: dict, machine: dict) -> None:
