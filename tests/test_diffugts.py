@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from _stock_commands import run_command
+from _stock_commands import failed_save_script, run_command
 
 from nnunetv2_dsm.cli.main import main
 from nnunetv2_dsm.data.synthesis import build_tumour_benchmark, example_cases
@@ -183,28 +183,7 @@ def test_dsm_plans_for_3d_are_refused(env: dict) -> None:
 def test_checkpoints_are_written_atomically(env: dict, tmp_path: Path) -> None:
     """A save that fails half-way (a full disk) leaves the previous checkpoint as it was and no temporary."""
     target = tmp_path / "checkpoint_latest.pth"
-    script = textwrap.dedent(f"""
-        import os, torch
-        from nnunetv2.run.run_training import get_trainer_from_args
-        trainer = get_trainer_from_args('{DATASET_ID}', '2d', 0, '{TRAINER}', '{PLANS}', device=torch.device('cpu'))
-        trainer.initialize()
-        trainer.save_checkpoint({str(target)!r})
-        before = open({str(target)!r}, 'rb').read()
-
-        def crash(obj, f, *args, **kwargs):
-            with open(f, 'wb') as handle:
-                handle.write(b'partial')
-            raise OSError('disk full')
-
-        torch.save = crash
-        try:
-            trainer.save_checkpoint({str(target)!r})
-        except OSError:
-            pass
-        else:
-            raise AssertionError('the failed save must raise')
-        assert open({str(target)!r}, 'rb').read() == before, 'previous checkpoint changed'
-        assert sorted(os.listdir({str(tmp_path)!r})) == ['checkpoint_latest.pth'], os.listdir({str(tmp_path)!r})
+    script = failed_save_script(DATASET_ID, "2d", TRAINER, PLANS, target) + textwrap.dedent("""
         print('ATOMIC OK')
     """)
     assert "ATOMIC OK" in run_command([sys.executable, "-c", script], env).stdout

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from _stock_commands import run_command
+from _stock_commands import failed_save_script, run_command
 
 from nnunetv2_dsm.data.totalseg_example import build_example_dataset
 
@@ -191,29 +191,7 @@ def test_killed_training_resumes_with_continue(nnunet_env, trained: Path) -> Non
 def test_atomic_checkpoint_survives_a_failed_save(nnunet_env, trained: Path, tmp_path: Path) -> None:
     """A save that dies half-way (disk full, kill) leaves the previous checkpoint intact and no debris."""
     target = tmp_path / "checkpoint_latest.pth"
-    script = textwrap.dedent(f"""
-        import os, torch
-        from nnunetv2.run.run_training import get_trainer_from_args
-        trainer = get_trainer_from_args('{DATASET_ID}', '3d_fullres', 0, '{TRAINER}', '{PLANS}',
-                                        device=torch.device('cpu'))
-        trainer.initialize()
-        trainer.save_checkpoint({str(target)!r})
-        before = open({str(target)!r}, 'rb').read()
-
-        def crash(obj, f, *args, **kwargs):
-            with open(f, 'wb') as handle:
-                handle.write(b'partial')
-            raise OSError('disk full')
-
-        torch.save = crash
-        try:
-            trainer.save_checkpoint({str(target)!r})
-        except OSError as err:
-            assert 'disk full' in str(err)
-        else:
-            raise AssertionError('the failed save must raise')
-        assert open({str(target)!r}, 'rb').read() == before, 'previous checkpoint changed'
-        assert sorted(os.listdir({str(tmp_path)!r})) == ['checkpoint_latest.pth'], os.listdir({str(tmp_path)!r})
+    script = failed_save_script(DATASET_ID, "3d_fullres", TRAINER, PLANS, target) + textwrap.dedent(f"""
         # nnUNetv2_train --c on a truncated checkpoint: an error naming the file and the fix
         from nnunetv2_dsm.trainers.dsm_trainer import DSMCheckpointError
         open({str(target)!r}, 'wb').write(before[: len(before) // 2])
