@@ -24,6 +24,7 @@ from unseen import (  # noqa: E402
     model_folder,
     run,
 )
+from unseen_pseudo_healthy import prompt_of, pseudo_healthy_payload  # noqa: E402
 
 from nnunetv2_dsm.evaluation.lesions import FP_BUDGET, lesion_scores  # noqa: E402
 from nnunetv2_dsm.evaluation.metrics import body_mask  # noqa: E402
@@ -36,11 +37,6 @@ from nnunetv2_dsm.vocabulary import TUMOUR_PARENTS  # noqa: E402
 
 BIN = Path(sys.executable).parent
 METRICS = ("auroc_host", "fpr95_host", "auroc_body", "fpr95_body", "detection", "dice")
-
-
-def prompt_of(tumour: str) -> str:
-    """The words a user types for a tumour class: ``spleen_tumor`` -> ``spleen tumor``."""
-    return tumour.replace("_", " ")
 
 
 def score_maps(args, work: Path, test: Path, raw: Path, env: dict, log, unseen: list[str]) -> dict[str, Path]:
@@ -181,70 +177,6 @@ def overlays(test: Path, folders: dict[str, Path], target_dir: Path) -> list[str
     return written
 
 
-def pseudo_healthy_errors(test: Path, folder: Path) -> dict:
-    """Inside each lesion: mean |pseudo-healthy - clean| and mean |image - clean| in HU, per type and pooled.
-
-    The clean CT is the test patient's before insertion (``clean/``), the true healthy image.
-    """
-    if not (test / "clean").is_dir():  # a test folder built before the clean CT was kept
-        from nnunetv2_dsm.data.unseen_benchmark import write_clean_images
-
-        write_clean_images(test)
-    dataset = json.loads((test / "dataset.json").read_text())
-    per_type: dict = {}
-    for case, info in sorted(dataset["dsm"]["benchmark"]["lesions_placed"].items()):
-        clean = sitk.GetArrayFromImage(sitk.ReadImage(str(test / "clean" / f"{info['patient']}_0000.nii.gz")))
-        image = sitk.GetArrayFromImage(sitk.ReadImage(str(test / "images" / f"{case}_0000.nii.gz")))
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(test / "labels" / f"{case}.nii.gz")))
-        for tumour in info["lesions"]:
-            lesion = reference == dataset["labels"][tumour]
-            path = folder / DIFFUGTS_DIR / f"{case}_{prompt_slug(prompt_of(tumour))}_pseudo_healthy.nii.gz"
-            healthy = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-            entry = per_type.setdefault(tumour, {"pseudo_healthy_hu": [], "lesioned_hu": []})
-            entry["pseudo_healthy_hu"].append(float(np.abs(healthy[lesion] - clean[lesion].astype(np.float32)).mean()))
-            entry["lesioned_hu"].append(float(np.abs(image[lesion].astype(np.float32) - clean[lesion]).mean()))
-    table = {t: {k: _mean(v) for k, v in e.items()} for t, e in per_type.items()}
-    for entry in table.values():
-        entry["ratio"] = round(entry["pseudo_healthy_hu"] / max(entry["lesioned_hu"], 1e-6), 4)
-    pooled = {k: _mean(x for e in per_type.values() for x in e[k]) for k in ("pseudo_healthy_hu", "lesioned_hu")}
-    pooled["ratio"] = round(pooled["pseudo_healthy_hu"] / max(pooled["lesioned_hu"], 1e-6), 4)
-    return {"per_type": table, "pooled": pooled}
-
-
-def pseudo_healthy_png(test: Path, folder: Path, target: Path) -> None:
-    """Per unseen type, its medium case's lesion slice: image, pseudo-healthy, clean truth, residual."""
-    dataset = json.loads((test / "dataset.json").read_text())
-    rows = [(case, tumour, info["patient"]) for case, info in sorted(dataset["dsm"]["benchmark"]["lesions_placed"].items())
-            if info["variant"] == "medium_hypodense" for tumour in info["lesions"]]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)), squeeze=False)
-    for row, (case, tumour, patient) in zip(axes, rows):
-        slug = prompt_slug(prompt_of(tumour))
-        read = lambda p: sitk.GetArrayFromImage(sitk.ReadImage(str(p)))  # noqa: E731
-        lesion = read(test / "labels" / f"{case}.nii.gz") == dataset["labels"][tumour]
-        z = int(np.argmax(lesion.sum((1, 2))))
-        panels = [read(test / "images" / f"{case}_0000.nii.gz"), read(folder / DIFFUGTS_DIR / f"{case}_{slug}_pseudo_healthy.nii.gz"),
-                  read(test / "clean" / f"{patient}_0000.nii.gz"), read(folder / DIFFUGTS_DIR / f"{case}_{slug}_residual.nii.gz")]
-        for ax, panel, title in zip(row, panels, ("image", "pseudo-healthy", "truth (before insertion)", "residual")):
-            kwargs = {"cmap": "magma", "vmin": 0, "vmax": 1} if title == "residual" else {"cmap": "gray", "vmin": -160, "vmax": 240}
-            ax.imshow(panel[z], **kwargs)
-            ax.contour(lesion[z], levels=[0.5], colors="cyan", linewidths=0.6)
-            ax.set_title(f"{case} {prompt_of(tumour)}: {title}" if title == "image" else title, fontsize=8)
-            ax.axis("off")
-    fig.suptitle("DiffuGTS method, diffusion model trained here: pseudo-healthy images (synthetic lesions, cyan)",
-                 fontsize=9)
-    fig.tight_layout()
-    atomic.write_bytes(target, _png_bytes(fig))
-    plt.close(fig)
-
-
-def _png_bytes(fig) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
 def write_leaderboard(per_case: dict, work: Path, target: Path) -> list[str]:
     """One leaderboard row per score: ``<trainer>+<score>`` with DSC (at the FP budget), AUROC and FPR95 in
     the host organ per unseen type, through the stock leaderboard (``nnunetv2_dsm leaderboard``)."""
@@ -311,11 +243,9 @@ def score_all(args, work: Path, raw: Path, test: Path, env: dict, log, timings: 
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     if "diffugts_refined" in folders:
-        errors = pseudo_healthy_errors(test, folders["diffugts_refined"].parent)
-        payload["pseudo_healthy_error"] = errors
-        payload["pseudo_healthy_error_ratio"] = errors["pooled"]["ratio"]
+        payload.update(pseudo_healthy_payload(work, test, env, log, unseen, folders["diffugts_refined"].parent,
+                                              out.parent / f"{out.stem}_pseudo_healthy.png"))
         payload["diffugts_label"] = "DiffuGTS method, diffusion model trained here (not the authors' weights)"
-        pseudo_healthy_png(test, folders["diffugts_refined"].parent, out.parent / f"{out.stem}_pseudo_healthy.png")
     payload["overlays"] = overlays(test, folders, out.parent / f"{out.stem}_overlays")
     payload["leaderboard"] = write_leaderboard(per_case, work, out.parent / f"{out.stem}_leaderboard")
     payload["score_wall_seconds"] = round(time.time() - started, 1)

@@ -157,7 +157,7 @@ def test_prediction_writes_every_map_in_input_geometry(env: dict, model: Path, t
     for prompt in ("pancreas tumor", "spleen tumor"):
         out = tmp_path / prompt.replace(" ", "_")
         assert main(["diffugts-predict", "-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0",
-                     "--device", "cpu", "--prompts", prompt, "--threshold", "0.01", "--inpaint-steps", "2"]) == 0
+                     "--device", "cpu", "--prompts", prompt, "--threshold", "0.01", "--threshold-mode", "absolute", "--inpaint-steps", "2"]) == 0
         slug = prompt.replace(" ", "_")
         written = [out / f"{TEST_CASE}.nii.gz", out / "scores" / f"{TEST_CASE}_{slug}.nii.gz",
                    *[out / "diffugts" / f"{TEST_CASE}_{slug}_{m}.nii.gz" for m in ("attention", "residual",
@@ -172,6 +172,43 @@ def test_prediction_writes_every_map_in_input_geometry(env: dict, model: Path, t
         info = json.loads((out / "prompts.json").read_text())
         assert "trained here" in info["method"] and info["prompts"][0]["healthy_text"].endswith(prompt.split()[0])
     assert not np.allclose(maps["pancreas tumor"], maps["spleen tumor"]), "the prompt changes the map"
+
+
+def test_refinement_runs_by_default_and_known_regions_are_inpainted(env: dict, model: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    """Relative threshold: every case gets a candidate region; ``--regions``: exactly the given mask is inpainted."""
+    image = Path(env["nnUNet_raw"]) / DATASET / "imagesTs" / f"{TEST_CASE}_0000.nii.gz"
+    inputs, regions = tmp_path / "in", tmp_path / "regions"
+    inputs.mkdir()
+    regions.mkdir()
+    (inputs / image.name).write_bytes(image.read_bytes())
+    args = ["diffugts-predict", "-i", str(inputs), "-m", str(model), "-f", "0", "--device", "cpu",
+            "--prompts", "spleen tumor", "--inpaint-steps", "2"]
+    residual = tmp_path / "{}" / "diffugts" / f"{TEST_CASE}_spleen_tumor_residual.nii.gz"
+    assert main([*args, "-o", str(tmp_path / "relative")]) == 0
+    info = json.loads((tmp_path / "relative" / "prompts.json").read_text())
+    assert info["threshold_mode"] == "relative" and info["regions"] is None
+    read = lambda p: sitk.GetArrayFromImage(sitk.ReadImage(str(p)))  # noqa: E731
+    assert read(str(residual).format("relative")).max() > 0, "the region at half the case's peak was inpainted"
+
+    assert main([*args, "-o", str(tmp_path / "missing"), "--regions", str(regions)]) == 2
+    assert f"{TEST_CASE}.nii.gz" in capsys.readouterr().err, "the missing mask is named"
+    assert not (tmp_path / "missing" / f"{TEST_CASE}.nii.gz").exists(), "nothing predicted before the check"
+
+    reference = sitk.ReadImage(str(image))
+    mask = np.zeros(sitk.GetArrayFromImage(reference).shape, dtype=np.uint8)
+    z = mask.shape[0] // 2
+    mask[z - 1:z + 2, 20:40, 30:50] = 1
+    region = sitk.GetImageFromArray(mask)
+    region.CopyInformation(reference)
+    sitk.WriteImage(region, str(regions / f"{TEST_CASE}.nii.gz"))
+    assert main([*args, "-o", str(tmp_path / "given"), "--regions", str(regions)]) == 0
+    given = read(str(residual).format("given"))
+    outside = np.ones(mask.shape[0], dtype=bool)
+    outside[z - 1:z + 2] = False
+    # (slices batched with the region's slices carry float32 noise of the batched decoder, ~1e-4)
+    assert given[outside].max() < 1e-3, "slices without a region are not inpainted"
+    assert given[z - 1:z + 2, 20:40, 30:50].mean() > 0.1, "the given region is"
 
 
 def test_dsm_plans_for_3d_are_refused(env: dict) -> None:

@@ -1,6 +1,7 @@
 """`diffugts-predict` subcommand: DiffuGTS (method re-implemented, diffusion model trained here) for text prompts."""
 
 import argparse
+from pathlib import Path
 
 from nnunetv2_dsm.cli.predict import add_prompt_prediction_arguments, checked_output_and_device
 
@@ -20,7 +21,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                     'tumour names, e.g. "pancreas tumor" "spleen tumor"')
     parser.add_argument("-f", "--fold", default=None, help="the fold's model to use (default: the only fold)")
     parser.add_argument("--threshold", type=float, default=0.5,
-                        help="attention probability above which a region is inpainted healthy (default 0.5)")
+                        help="candidate region inpainted healthy: attention probability above THRESHOLD times the case's "
+                             "highest attention probability for the prompt (default 0.5; see --threshold-mode)")
+    parser.add_argument("--threshold-mode", choices=("relative", "absolute"), default="relative",
+                        help="relative (default): THRESHOLD is a fraction of the case's peak; absolute: a probability")
+    parser.add_argument("--regions", type=Path, default=None,
+                        help="folder of <case>.nii.gz masks on the images' grids: inpaint these regions (non-zero) "
+                             "instead of the thresholded attention, e.g. for the pseudo-healthy image of a known lesion")
     parser.add_argument("--inpaint-steps", type=int, default=25, help="DDIM steps of the RePaint inpainting")
     parser.set_defaults(func=run)
 
@@ -32,12 +39,15 @@ def run(args: argparse.Namespace) -> int:
     from nnunetv2_dsm.text import EncoderMismatchError, MissingPromptError
 
     device = checked_output_and_device(args)
+    if args.regions is not None and not args.regions.is_dir():
+        raise DSMPredictionError(f"--regions {args.regions} is not a folder; give the folder of <case>.nii.gz masks")
     if not 0 < args.threshold < 1 or args.inpaint_steps < 1:
         raise DSMPredictionError(f"--threshold must lie in (0, 1) and --inpaint-steps be >= 1, got {args.threshold} "
                                  f"and {args.inpaint_steps}")
     try:
         predictor = DiffuGTSPredictor(args.prompts, text_encoder=args.text_encoder, device=device,
-                                      threshold=args.threshold, inpaint_steps=args.inpaint_steps)
+                                      threshold=args.threshold, inpaint_steps=args.inpaint_steps,
+                                      threshold_mode=args.threshold_mode, regions=args.regions)
         predictor.initialize_from_trained_model_folder(str(args.model), args.fold, args.checkpoint)
         cases = predictor.predict_folder(args.input, args.output)
     except (DSMPredictionError, EncoderMismatchError, MissingPromptError, InputError) as e:

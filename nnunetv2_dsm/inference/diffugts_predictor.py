@@ -2,9 +2,14 @@
 
 ``nnunetv2_dsm diffugts-predict -i IN -o OUT -m MODEL --prompts "spleen tumor" ...`` reads, checks,
 reorients and preprocesses like ``nnunetv2_dsm predict`` (``DSMPredictor``), then works on whole slices
-(no sliding window: the refinement inpaints a slice at a time). Per prompt and slice: the anomaly-aware
-attention map of the prompt's (healthy, abnormal) pair gives p; the region p > ``threshold`` is inpainted
-from the healthy prompt (``networks.diffugts_inpaint``); the residual refines p. Written in the input
+(no sliding window: the refinement inpaints a slice at a time). Per prompt: the anomaly-aware attention
+map of the prompt's (healthy, abnormal) pair gives p on every slice; the candidate region is inpainted
+from the healthy prompt (``networks.diffugts_inpaint``) and the residual refines p. The candidate region
+is where p exceeds ``threshold`` times the case's highest p for that prompt (``threshold_mode
+"relative"``, the default: attention maps are read relative to their peak, as min-max normalised maps
+are, so a case always gets candidates and the residual decides which are lesions), or ``threshold``
+itself (``"absolute"``). With ``regions`` (a folder of ``<case>.nii.gz`` masks on the images' grids) the
+masks are inpainted instead, for the pseudo-healthy image of a known lesion. Written in the input
 geometry:
 
 - ``scores/<case>_<prompt>.nii.gz``: the refined probability;
@@ -17,12 +22,14 @@ geometry:
 
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import Tensor
 
 from nnunetv2_dsm.dataset import DSMDataset
+from nnunetv2_dsm.errors import InputError, raise_input_errors
 from nnunetv2_dsm.inference.predictor import DSMPredictor, _unwrap
 from nnunetv2_dsm.inference.prompts import SCORES_DIR, DSMPredictionError, class_name_for_prompt, label_map
 from nnunetv2_dsm.io import atomic
@@ -35,14 +42,20 @@ from nnunetv2_dsm.text.spec import spec_hint
 
 DIFFUGTS_DIR = "diffugts"
 EXTRA_MAPS = ("attention", "residual", "pseudo_healthy")
+THRESHOLD_MODES = ("relative", "absolute")
 
 
 class DiffuGTSPredictor(DSMPredictor):
     def __init__(self, prompts, text_encoder: str | None = None, device: torch.device = torch.device("cuda"),
                  allow_tqdm: bool = True, threshold: float = 0.5, inpaint_steps: int = 25, batch_slices: int = 8,
-                 seed: int = 0) -> None:
+                 seed: int = 0, threshold_mode: str = "relative", regions: str | Path | None = None) -> None:
+        if threshold_mode not in THRESHOLD_MODES:
+            raise DSMPredictionError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
         super().__init__(prompts, text_encoder=text_encoder, use_mirroring=False, device=device, allow_tqdm=allow_tqdm)
         self.threshold, self.inpaint_steps, self.batch_slices, self.seed = threshold, inpaint_steps, batch_slices, seed
+        self.threshold_mode = threshold_mode
+        self.regions = None if regions is None else Path(regions)
+        self._region: Tensor | None = None  # the current case's preprocessed region mask, with ``regions``
 
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds, checkpoint_name: str =
                                              "checkpoint_final.pth") -> None:
@@ -79,6 +92,46 @@ class DiffuGTSPredictor(DSMPredictor):
         intensity = self.plans_manager.foreground_intensity_properties_per_channel.get("0", {})
         self.intensity = (float(intensity.get("mean", 0.0)), float(intensity.get("std", 1.0)))
 
+    # ---- known regions (``regions``) ------------------------------------------------------------------
+    def predict_folder(self, input_folder: str | Path, output_folder: str | Path) -> list[str]:
+        if self.regions is not None:
+            self._check_regions(Path(input_folder))
+        return super().predict_folder(input_folder, output_folder)
+
+    def _region_file(self, case: str) -> Path:
+        return self.regions / f"{case}{self.dataset_json['file_ending']}"
+
+    def _check_regions(self, input_folder: Path) -> None:
+        """Every case has a region mask on its image's grid; all problems are reported before any prediction."""
+        ending = self.dataset_json["file_ending"]
+        problems = []
+        for image in sorted(input_folder.glob(f"*_0000{ending}")):
+            mask = self._region_file(image.name[: -len(f"_0000{ending}")])
+            if not mask.is_file():
+                problems.append(InputError(mask, "the region mask of this case is missing.",
+                                           f"write <case>{ending} masks (non-zero = inpaint) for every input case into "
+                                           f"{self.regions}, or leave out --regions"))
+                continue
+            sizes = []
+            for path in (image, mask):
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(path))
+                reader.ReadImageInformation()
+                sizes.append(reader.GetSize())
+            if sizes[0] != sizes[1]:
+                problems.append(InputError(mask, f"the region mask has size {sizes[1]}, its image {image} {sizes[0]}.",
+                                           "resample the mask onto the image's grid (nearest neighbour)"))
+        raise_input_errors(problems)
+
+    def _preprocess_case(self, preprocessor, files: list[str], mask=None):
+        if self.regions is None:
+            return super()._preprocess_case(preprocessor, files, mask)
+        case = Path(files[0]).name[: -len(f"_0000{self.dataset_json['file_ending']}")]
+        data, seg, properties, grid = super()._preprocess_case(preprocessor, files, self._region_file(case))
+        self._region = torch.from_numpy(seg[0] > 0)
+        return data, seg, properties, grid
+
+    # ---- maps ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_logits_from_preprocessed_data(self, data: Tensor) -> Tensor:
         """Channels (4P, Z, Y, X): refined, attention, residual, pseudo-healthy (normalised) per prompt."""
@@ -90,15 +143,26 @@ class DiffuGTSPredictor(DSMPredictor):
         fill = float(slices.min())
         num = self.pairs.shape[0]
         out = torch.zeros(4 * num, *slices.shape)
-        for start in range(0, slices.shape[0], self.batch_slices):
-            x = slices[start:start + self.batch_slices, None].to(self.device)
-            x = F.pad(x, (0, pad[1], 0, pad[0]), value=fill)
-            probability = torch.sigmoid(net.anomaly_logits(x, self.pairs))
+        batches = range(0, slices.shape[0], self.batch_slices)
+
+        def batch(start: int) -> Tensor:
+            return F.pad(slices[start:start + self.batch_slices, None].to(self.device), (0, pad[1], 0, pad[0]), value=fill)
+
+        for start in batches:  # the attention maps of the whole case first: the relative threshold needs its peak
+            probability = torch.sigmoid(net.anomaly_logits(batch(start), self.pairs))
+            out[num:2 * num, start:start + probability.shape[0]] = probability[..., :height, :width].transpose(0, 1).cpu()
+        peak = out[num:2 * num].flatten(1).amax(1)
+        thresholds = peak * self.threshold if self.threshold_mode == "relative" else torch.full((num,), self.threshold)
+        for start in batches:
+            x = batch(start)
+            region = None
+            if self._region is not None:
+                region = F.pad(self._region[start:start + x.shape[0], None].float(), (0, pad[1], 0, pad[0])).to(self.device) > 0
             for i in range(num):
                 healthy = net.pair_tokens(self.pairs[i:i + 1, :1])
-                result = refine(net, x, probability[:, i:i + 1], healthy, self.threshold, self.inpaint_steps, self.seed)
-                maps = (result.refined, probability[:, i:i + 1], result.residual, result.pseudo_healthy[:, :1])
-                for k, m in enumerate(maps):
+                probability = F.pad(out[num + i, start:start + x.shape[0], None], (0, pad[1], 0, pad[0])).to(self.device)
+                result = refine(net, x, probability, healthy, float(thresholds[i]), self.inpaint_steps, self.seed, region)
+                for k, m in ((0, result.refined), (2, result.residual), (3, result.pseudo_healthy[:, :1])):
                     out[k * num + i, start:start + x.shape[0]] = m[:, 0, :height, :width].cpu()
         return out
 
@@ -126,7 +190,8 @@ class DiffuGTSPredictor(DSMPredictor):
                          "probability_map": f"{SCORES_DIR}/<case>_{s}.nii.gz",
                          **{m: f"{DIFFUGTS_DIR}/<case>_{s}_{m}.nii.gz" for m in EXTRA_MAPS}}
                         for i, (p, s) in enumerate(zip(self.prompts, self.slugs))],
-            "threshold": self.threshold, "inpaint_steps": self.inpaint_steps,
+            "threshold": self.threshold, "threshold_mode": self.threshold_mode,
+            "regions": None if self.regions is None else str(self.regions), "inpaint_steps": self.inpaint_steps,
             "trainer": self.trainer_name, "text_encoder": self.encoder_id,
         }
         atomic.write_json(output_folder / "prompts.json", info)

@@ -301,19 +301,26 @@ class DSMPredictor(nnUNetPredictor):
             # sit beside a prompts.json that no longer lists them.
             for slug in earlier - set(self.slugs):
                 (output_folder / SCORES_DIR / f"{case}_{slug}.nii.gz").unlink(missing_ok=True)
-            with tempfile.TemporaryDirectory(prefix="dsm_reoriented_") as tmp:
-                # Inputs in another orientation than the training images are reoriented (losslessly)
-                # and every output is mapped back onto the input's own grid.
-                reoriented = (reorient_files(files, self.training_orientation, tmp)
-                              if self.training_orientation else None)
-                run_files, grid = ([str(f) for f in reoriented[0]], reoriented[1]) if reoriented else (files, None)
-                data, _, properties = preprocessor.run_case(
-                    run_files, None, self.plans_manager, self.configuration_manager, self.dataset_json
-                )
+            data, _, properties, grid = self._preprocess_case(preprocessor, files)
             logits = self.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
             self._export(logits, properties, targets, grid)
             done.append(case)
         return done
+
+    def _preprocess_case(self, preprocessor, files: list[str], mask: str | Path | None = None):
+        """nnU-Net's preprocessing of one case's channel files (and a mask on the same grid, nearest
+        resampling, as nnU-Net treats a segmentation): (data, mask or None, properties, grid)."""
+        with tempfile.TemporaryDirectory(prefix="dsm_reoriented_") as tmp:
+            # Inputs in another orientation than the training images are reoriented (losslessly)
+            # and every output is mapped back onto the input's own grid.
+            both = [*files, *([mask] if mask is not None else [])]
+            reoriented = reorient_files(both, self.training_orientation, tmp) if self.training_orientation else None
+            run_files, grid = ([str(f) for f in reoriented[0]], reoriented[1]) if reoriented else (both, None)
+            run_mask = run_files.pop() if mask is not None else None
+            data, seg, properties = preprocessor.run_case(
+                run_files, run_mask, self.plans_manager, self.configuration_manager, self.dataset_json
+            )
+        return data, seg, properties, grid
 
     def _amvp(self):
         """The stage-2 network's AMVP module when it uses one, else None."""

@@ -83,14 +83,16 @@ def residual_map(net: DiffuGTSNetwork, reconstruction: Tensor, pseudo_healthy: T
 
 @torch.no_grad()
 def refine(net: DiffuGTSNetwork, x: Tensor, probability: Tensor, healthy_tokens: Tensor, threshold: float = 0.5,
-           steps: int = 25, seed: int = 0) -> Refinement:
+           steps: int = 25, seed: int = 0, region: Tensor | None = None) -> Refinement:
     """Pseudo-healthy image of the candidate region, residual, and the refined map ``sqrt(p * residual)``.
 
-    Where no pixel of a slice passes ``threshold`` nothing is inpainted, the residual is 0 and the refined
-    map is ``p / 2`` (below any refined lesion of equal probability whose residual exceeds 1/4).
+    The candidate region is ``candidate_region(probability, threshold)``, or ``region`` when given (a
+    known lesion mask, (B, 1, H, W) bool, inpainted as it is). Where a batch has no candidate pixel nothing
+    is inpainted, the residual is 0 and the refined map is ``p / 2`` (below any refined lesion of equal
+    probability whose residual exceeds 1/4).
     """
-    # x: (B, C, H, W), probability: (B, 1, H, W) -> Refinement
-    region = candidate_region(probability, threshold)
+    # x: (B, C, H, W), probability: (B, 1, H, W), region: (B, 1, H, W) bool or None -> Refinement
+    region = candidate_region(probability, threshold) if region is None else region.bool()
     reconstruction = net.decode(net.encode(x))
     if not bool(region.any()):
         zero = torch.zeros_like(probability)
