@@ -48,10 +48,11 @@ MODELS = {
     "dsm_no_amvp": ("DSMTrainerStage2_Benchmark_contrastAug_noAMVP", "DSMPlansCPU", "stage2_epochs", "dsm_stage1"),
     "dsm_no_dqr": ("DSMTrainerStage2_Benchmark_contrastAug_noDQR", "DSMPlansCPU", "stage2_epochs", "dsm_stage1"),
     "diffugts": ("DiffuGTSTrainer_Benchmark_contrastAug", "DSMPlansCPU", "total_epochs", None),
+    "diffugts_no_grounding": ("DiffuGTSTrainer_Benchmark_contrastAug_noGrounding", "DSMPlansCPU", "total_epochs", None),
 }
 POSTHOC_MODELS = ("nnunet",)
 PROMPT_MODELS = ("dsm", "dsm_no_amvp", "dsm_no_dqr")
-DIFFUGTS_MODELS = ("diffugts",)
+DIFFUGTS_MODELS = ("diffugts", "diffugts_no_grounding")
 
 
 def run(cmd: list[str], env: dict, log) -> float:
@@ -110,8 +111,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--models", nargs="+", default=["dsm_stage1", "dsm", "nnunet"], choices=list(MODELS),
-                        help="dsm_no_amvp and dsm_no_dqr (stage-2 ablations) and diffugts (DiffuGTS method, diffusion model "
-                             "trained here) are not in the default run")
+                        help="dsm_no_amvp and dsm_no_dqr (stage-2 ablations), diffugts (DiffuGTS method, diffusion model "
+                             "trained here) and diffugts_no_grounding (its denoiser without TokenCompose grounding) are "
+                             "not in the default run")
     parser.add_argument("--stage1-epochs", type=int, default=8)
     parser.add_argument("--stage2-epochs", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=250)

@@ -25,13 +25,11 @@ import SimpleITK as sitk
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from unseen import BIN, DIFFUGTS_MODELS, FOLD, model_folder, run  # noqa: E402
+from unseen import BIN, FOLD, model_folder, run  # noqa: E402
 
 from nnunetv2_dsm.inference.diffugts_predictor import DIFFUGTS_DIR  # noqa: E402
 from nnunetv2_dsm.inference.prompts import prompt_slug  # noqa: E402
 from nnunetv2_dsm.io import atomic  # noqa: E402
-
-LESION_REGION = "diffugts_lesion_region"  # scores/<this>: the inpainting of the true lesion masks
 
 
 def prompt_of(tumour: str) -> str:
@@ -43,13 +41,10 @@ def _read(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-def lesion_region_maps(work: Path, test: Path, env: dict, log, unseen: list[str]) -> Path | None:
-    """``diffugts-predict --regions`` with every case's lesion mask; the output folder (None: no model)."""
-    name = DIFFUGTS_MODELS[0]
+def lesion_region_maps(name: str, work: Path, test: Path, env: dict, log, unseen: list[str]) -> Path:
+    """``diffugts-predict --regions`` of model ``name`` with every case's lesion mask: the output folder."""
     model = model_folder(work / "results", name)
-    if not (model / f"fold_{FOLD}" / "checkpoint_final.pth").is_file():
-        return None
-    out = work / "scores" / LESION_REGION
+    out = work / "scores" / f"{name}_lesion_region"
     if out.exists():
         return out
     dataset = json.loads((test / "dataset.json").read_text())
@@ -67,9 +62,9 @@ def lesion_region_maps(work: Path, test: Path, env: dict, log, unseen: list[str]
     return out
 
 
-def intensity_window(work: Path) -> tuple[float, float]:
-    """The CT normalisation's clip range of the DiffuGTS model's plans (HU)."""
-    plans = json.loads((model_folder(work / "results", DIFFUGTS_MODELS[0]) / "plans.json").read_text())
+def intensity_window(name: str, work: Path) -> tuple[float, float]:
+    """The CT normalisation's clip range of model ``name``'s plans (HU)."""
+    plans = json.loads((model_folder(work / "results", name) / "plans.json").read_text())
     props = plans["foreground_intensity_properties_per_channel"]["0"]
     return float(props["percentile_00_5"]), float(props["percentile_99_5"])
 
@@ -147,16 +142,18 @@ def pseudo_healthy_png(test: Path, folders: dict[str, Path], target: Path) -> No
     plt.close(fig)
 
 
-def pseudo_healthy_payload(work: Path, test: Path, env: dict, log, unseen: list[str], own: Path, png: Path) -> dict:
-    """The JSON keys of the pseudo-healthy evaluation; ``own``: the method's own prediction folder."""
-    window = intensity_window(work)
-    folders = {"own region": own}
-    payload = {"pseudo_healthy_error": pseudo_healthy_errors(test, own, window)}
-    lesion_run = lesion_region_maps(work, test, env, log, unseen)
-    if lesion_run is not None:
-        folders["lesion region"] = lesion_run
-        payload["pseudo_healthy_error_lesion_region"] = pseudo_healthy_errors(test, lesion_run, window)
-    payload["pseudo_healthy_error_ratio"] = payload["pseudo_healthy_error"]["pooled"]["ratio"]
+def pseudo_healthy_payload(name: str, work: Path, test: Path, env: dict, log, unseen: list[str], own: Path,
+                           png: Path) -> dict:
+    """The JSON keys of model ``name``'s pseudo-healthy evaluation; ``own``: its prediction folder.
+
+    Keys ``pseudo_healthy_error``, ``pseudo_healthy_error_lesion_region`` and ``pseudo_healthy_error_ratio``
+    for ``diffugts``; prefixed by the model name for the others."""
+    window = intensity_window(name, work)
+    lesion_run = lesion_region_maps(name, work, test, env, log, unseen)
+    prefix = "" if name == "diffugts" else f"{name}_"
+    payload = {f"{prefix}pseudo_healthy_error": pseudo_healthy_errors(test, own, window),
+               f"{prefix}pseudo_healthy_error_lesion_region": pseudo_healthy_errors(test, lesion_run, window)}
+    payload[f"{prefix}pseudo_healthy_error_ratio"] = payload[f"{prefix}pseudo_healthy_error"]["pooled"]["ratio"]
     payload["pseudo_healthy_note"] = __doc__.split("\n\n", 1)[1].strip()
-    pseudo_healthy_png(test, folders, png)
+    pseudo_healthy_png(test, {"own region": own, "lesion region": lesion_run}, png)
     return payload

@@ -225,6 +225,7 @@ def score_all(args, work: Path, raw: Path, test: Path, env: dict, log, timings: 
         "dsm_no_dqr_prompt_auroc": table.get("dsm_no_dqr_prompt", {}).get("mean", {}).get("auroc_host"),
         "diffugts_auroc": table.get("diffugts_refined", {}).get("mean", {}).get("auroc_host"),
         "diffugts_attention_auroc": table.get("diffugts_attention", {}).get("mean", {}).get("auroc_host"),
+        "diffugts_no_grounding_auroc": table.get("diffugts_no_grounding_refined", {}).get("mean", {}).get("auroc_host"),
         "best_baseline_auroc": nnunet.get(best) if best else None,
         "best_baseline_name": best,
         "unseen_types": unseen,
@@ -242,9 +243,11 @@ def score_all(args, work: Path, raw: Path, test: Path, env: dict, log, timings: 
     }
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    if "diffugts_refined" in folders:
-        payload.update(pseudo_healthy_payload(work, test, env, log, unseen, folders["diffugts_refined"].parent,
-                                              out.parent / f"{out.stem}_pseudo_healthy.png"))
+    for name in DIFFUGTS_MODELS:
+        if f"{name}_refined" not in folders:
+            continue
+        png = out.parent / f"{out.stem}_pseudo_healthy{name.removeprefix('diffugts')}.png"
+        payload.update(pseudo_healthy_payload(name, work, test, env, log, unseen, folders[f"{name}_refined"].parent, png))
         payload["diffugts_label"] = "DiffuGTS method, diffusion model trained here (not the authors' weights)"
     payload["overlays"] = overlays(test, folders, out.parent / f"{out.stem}_overlays")
     payload["leaderboard"] = write_leaderboard(per_case, work, out.parent / f"{out.stem}_leaderboard")

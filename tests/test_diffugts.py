@@ -16,6 +16,7 @@ from _stock_commands import failed_save_script, run_command
 from nnunetv2_dsm.cli.main import main
 from nnunetv2_dsm.data.synthesis import build_tumour_benchmark, example_cases
 from nnunetv2_dsm.networks.diffugts import DiffuGTSNetwork
+from nnunetv2_dsm.networks.diffugts_grounding import grounding_losses
 from nnunetv2_dsm.networks.diffugts_inpaint import candidate_region, inpaint, refine
 from nnunetv2_dsm.text.anomaly_prompts import HEALTHY_TISSUE, prompt_pair
 
@@ -63,6 +64,35 @@ def test_adapter_and_map_calibration_train_through_the_attention() -> None:
     net.anomaly_logits(x, torch.randn(2, 2, 12)).square().mean().backward()
     assert float(net.adapter.mlp[2].weight.grad.abs().sum()) > 0 and net.map_scale.grad is not None
     assert all(p.grad is None for p in net.unet.parameters()), "the frozen denoiser takes no gradient"
+
+
+def test_grounding_losses_vanish_for_attention_on_the_named_masks_and_train_the_denoiser() -> None:
+    masks = torch.zeros(1, 3, 8, 8)
+    masks[0, 0, :4] = 1  # token 0 names the top half, token 1 the bottom half, token 2 is padding
+    masks[0, 1, 4:] = 1
+    weight = torch.tensor([[1.0, 1.0, 0.0]])
+    grounded = masks.clone()  # every pixel attends to the token that names it
+    token, pixel = grounding_losses([grounded, grounded], masks, weight)
+    assert float(token) == 0 and float(pixel) < 1e-4
+    assert float(grounding_losses([grounded[:, :, ::2, ::2]], masks, weight)[0]) == 0, "masks follow each layer's size"
+    token, pixel = grounding_losses([torch.full((1, 3, 8, 8), 1 / 3)], masks, weight)
+    assert float(token) == pytest.approx(0.25) and float(pixel) > 0.5, "uniform attention: half the mass outside"
+    assert float(grounding_losses([grounded], masks, torch.zeros(1, 3))[0]) == 0, "no weighted token, no loss"
+
+    net = _net().train()
+    x = torch.randn(2, 1, 32, 32)
+    tokens = torch.randn(2, 4, 12)
+    token_masks = torch.zeros(2, 4, 32, 32)
+    token_masks[:, 0, :16] = 1
+    losses = net.diffusion_loss(x, tokens, token_masks=token_masks, grounding_max_timestep=1000,
+                                generator=torch.Generator().manual_seed(0))
+    assert float(losses.token) > 0 and float(losses.pixel) > 0 and not net.store.recording
+    (losses.token + losses.pixel).backward()
+    attention = [p.grad for n, p in net.unet.named_parameters() if "attn2.to_k" in n]
+    assert attention and all(g is not None and float(g.abs().sum()) > 0 for g in attention), \
+        "the grounding losses train the cross-attention"
+    plain = net.diffusion_loss(x, tokens)
+    assert float(plain.token) == 0 and float(plain.pixel) == 0
 
 
 def test_inpainting_keeps_the_known_region_and_changes_the_unknown_one() -> None:
@@ -139,6 +169,7 @@ def test_training_runs_three_phases_and_records_the_model(model: Path) -> None:
     log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
     for phase in ("autoencoder", "denoiser", "adapter"):
         assert f"DiffuGTS phase: {phase}" in log
+    assert "token grounding" in log, "the denoiser phase logs its grounding losses"
     assert "latent scale" in log
     plans = json.loads((model / "plans.json").read_text())
     arch = plans["configurations"]["2d"]["architecture"]

@@ -10,7 +10,8 @@ slice by slice, then frozen. Parts, all from ``diffusers``:
 - ``unet``: a denoiser with cross-attention to text tokens (``UNet2DConditionModel``), trained to predict
   the noise (DDPM, Stable Diffusion's schedule) given the embeddings of the prompts
   "a computerized tomography of a {class}" of the classes present in the slice (``max_tokens`` tokens,
-  padded with the learned ``null_token``; classifier-free dropout in training);
+  padded with the learned ``null_token``; classifier-free dropout in training), with TokenCompose's
+  grounding losses on its cross-attention (``diffugts_grounding``) when the trainer passes the masks;
 - anomaly-aware open-vocabulary attention maps (``attention_maps``, ``anomaly_logits``): the image is
   noised to ``attention_timestep`` and passed through the frozen UNet with, for each prompt, a token for
   the healthy organ ("... of a healthy {organ}") and one for the abnormal one ("... of a {organ} tumor");
@@ -26,17 +27,26 @@ residual maps) is in ``diffugts_inpaint``. ``forward`` gives nnU-Net one logit m
 pair receives), or one per prompt after ``set_prompts``.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
 from nnunetv2_dsm.networks.diffugts_attention import CrossAttentionStore, install_recorders
+from nnunetv2_dsm.networks.diffugts_grounding import grounding_losses
 
 # Stable Diffusion's noise schedule (scaled_linear, 0.00085 to 0.012 over 1000 steps).
 DIFFUGTS_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                      "beta_schedule": "scaled_linear"}
 _EPS = 1e-6
+
+
+class DiffusionLosses(NamedTuple):
+    noise: Tensor  # the noise-prediction MSE
+    token: Tensor  # TokenCompose's token grounding loss (0 without token masks)
+    pixel: Tensor  # TokenCompose's pixel grounding loss (0 without token masks)
 
 
 class TextAdapter(nn.Module):
@@ -125,15 +135,34 @@ class DiffuGTSNetwork(nn.Module):
         # z_t: (B, latent, h, w), t: (B,), tokens: (B, L, D) -> eps: (B, latent, h, w)
         return self.unet(z_t, t, encoder_hidden_states=tokens).sample
 
-    def diffusion_loss(self, x: Tensor, tokens: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``|eps - eps_theta(z_t, t, tokens)|^2`` at uniformly drawn t (the frozen autoencoder's latents)."""
-        # x: (B, C, H, W), tokens: (B, L, D) -> scalar
+    def diffusion_loss(self, x: Tensor, tokens: Tensor, generator: torch.Generator | None = None,
+                       token_masks: Tensor | None = None, grounding_max_timestep: int = 500) -> DiffusionLosses:
+        """``|eps - eps_theta(z_t, t, tokens)|^2`` at uniformly drawn t (the frozen autoencoder's latents).
+
+        With ``token_masks`` (B, L, H, W), the mask each token names (zero for padding tokens), also the
+        grounding losses of the same forward pass (``diffugts_grounding``), over the samples drawn at
+        t < ``grounding_max_timestep``: the attention maps are read at ``attention_timestep``, and near
+        t = 1000 the latent no longer shows what a token could attend to.
+        """
+        # x: (B, C, H, W), tokens: (B, L, D), token_masks: (B, L, H, W) -> 3 x scalar
         with torch.no_grad():
             z0 = self.encode(x)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device,
                           generator=generator)
         noise = torch.randn(z0.shape, device=z0.device, generator=generator)
-        return F.mse_loss(self.denoise(self.scheduler.add_noise(z0, noise, t), t, tokens), noise)
+        record = token_masks is not None
+        self.store.maps, self.store.latent_shape, self.store.recording = [], tuple(z0.shape[2:]), record
+        try:
+            eps = self.denoise(self.scheduler.add_noise(z0, noise, t), t, tokens)
+            maps = self.store.maps
+        finally:
+            self.store.recording, self.store.maps = False, []
+        zero = eps.new_zeros(())
+        if not record:
+            return DiffusionLosses(F.mse_loss(eps, noise), zero, zero)
+        weight = token_masks.flatten(2).amax(-1) * (t < grounding_max_timestep).to(eps.dtype)[:, None]
+        token, pixel = grounding_losses(maps, token_masks.to(eps.dtype), weight)
+        return DiffusionLosses(F.mse_loss(eps, noise), token, pixel)
 
     # ---- anomaly-aware open-vocabulary attention maps -------------------------------------------------
     def pair_tokens(self, pairs: Tensor) -> Tensor:

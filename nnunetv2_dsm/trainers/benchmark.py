@@ -167,3 +167,9 @@ class DiffuGTSTrainer_Benchmark(_BenchmarkSchedule, DiffuGTSTrainer):
 
 class DiffuGTSTrainer_Benchmark_contrastAug(ContrastPhaseAugmentation, DiffuGTSTrainer_Benchmark):
     """The unseen-tumour benchmark's DiffuGTS run: contrast-phase augmentation, as every model there."""
+
+
+class DiffuGTSTrainer_Benchmark_contrastAug_noGrounding(DiffuGTSTrainer_Benchmark_contrastAug):
+    """The unseen-tumour benchmark's DiffuGTS run with the denoiser on the noise-prediction loss alone."""
+
+    grounding_weights = (0.0, 0.0)

@@ -8,7 +8,9 @@ network into its copy of the plans (the results folder's ``plans.json``), so ``n
 1. ``autoencoder_fraction`` of the epochs: the image autoencoder alone (L1 + small KL);
 2. the denoising UNet, autoencoder frozen (its latent scale measured on the first batch), with
    cross-attention to the text embeddings of the classes present in the patch (classifier-free
-   dropout ``uncond_probability``); this is the stand-in for DiffuGTS's frozen foundation model;
+   dropout ``uncond_probability``) grounded in their masks by TokenCompose's token and pixel losses
+   (``grounding_weights``; ``DiffuGTSTrainer_noGrounding`` leaves them out); this is the stand-in for
+   DiffuGTS's frozen foundation model;
 3. ``adapter_fraction`` of the epochs: everything frozen but the text adapter and the map scale/bias,
    trained on the *seen* tumour types only: the anomaly logits of their prompt pairs
    (``text.anomaly_prompts``) against their masks, partial-label Dice + BCE over annotated pairs.
@@ -51,6 +53,9 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
     autoencoder_fraction: float = 0.25
     adapter_fraction: float = 0.25
     uncond_probability: float = 0.1
+    # TokenCompose's (token, pixel) grounding loss weights in the denoiser phase, and the timesteps they cover
+    grounding_weights: tuple[float, float] = (0.1, 0.1)
+    grounding_max_timestep: int = 500
     text_encoder_spec: str = "minilm"
     network_kwargs: dict = {}
     # AdamW per part: autoencoder, denoiser (+ null token), adapter (+ map scale and bias).
@@ -153,7 +158,16 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
                 p.requires_grad_(part == phase)
         if phase != "autoencoder":
             self._net().autoencoder.eval()
+        self._phase_terms: list[list[float]] = []
         self.print_to_log_file(f"DiffuGTS phase: {phase}")
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        terms = getattr(self, "_phase_terms", [])
+        if terms:
+            noise, token, pixel = np.mean(terms, 0)
+            self.print_to_log_file(f"denoiser losses (mean over the training batches): noise {noise:.4f}, "
+                                   f"token grounding {token:.4f}, pixel grounding {pixel:.4f}")
+        super().on_train_epoch_end(train_outputs)
 
     def _measure_latent_scale(self, data: torch.Tensor) -> None:
         net = self._net()
@@ -164,16 +178,21 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
         net.latent_scale.fill_(1.0 / max(float(z.std()), 1e-6))
         self.print_to_log_file(f"latent scale (1 / std of image latents): {float(net.latent_scale):.4f}")
 
-    def _present_tokens(self, target: torch.Tensor) -> torch.Tensor:
-        """Token sequences of the classes present in each patch, shuffled; none with ``uncond_probability``."""
+    def _present_tokens(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token sequences of the classes present in each patch, shuffled (none with ``uncond_probability``),
+        and the mask each token names: (B, L, D), (B, L, H, W), zero masks for the null tokens."""
+        net = self._net()
         present = target.flatten(2).bool().any(-1).cpu().numpy()  # (B, K)
         embeddings = []
-        for row in present:
+        masks = target.new_zeros(target.shape[0], net.max_tokens, *target.shape[2:])
+        for b, row in enumerate(present):
             classes = np.flatnonzero(row)
             if np.random.rand() < self.uncond_probability:
                 classes = classes[:0]
-            embeddings.append(self.class_tokens[np.random.permutation(classes)])
-        return self._net().tokens(embeddings).to(self.device)
+            classes = np.random.permutation(classes)[:net.max_tokens]
+            embeddings.append(self.class_tokens[classes])
+            masks[b, :len(classes)] = target[b, classes]
+        return net.tokens(embeddings).to(self.device), masks.float()
 
     def _loss(self, data: torch.Tensor, target: torch.Tensor, keys) -> torch.Tensor:
         net = self._net()
@@ -182,7 +201,12 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
             return net.autoencoder_loss(data)[0]
         if phase == "denoiser":
             self._measure_latent_scale(data)
-            return net.diffusion_loss(data, self._present_tokens(target))
+            tokens, masks = self._present_tokens(target)
+            grounded = any(self.grounding_weights)
+            losses = net.diffusion_loss(data, tokens, token_masks=masks if grounded else None,
+                                        grounding_max_timestep=self.grounding_max_timestep)
+            self._phase_terms.append([float(v) for v in losses])
+            return losses.noise + self.grounding_weights[0] * losses.token + self.grounding_weights[1] * losses.pixel
         tumour = self.tumour_channels
         logits = net.anomaly_logits(data, net.class_pairs[tumour])
         available = availability_from_keys(keys, self.dsm_dataset, self.dsm_dataset.classes, device=self.device)
@@ -214,6 +238,12 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
         counts = [((a & b).sum(axes).float() * available).sum(0).cpu().numpy()
                   for a, b in ((predicted, truth), (predicted, ~truth), (~predicted, truth))]
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": counts[0], "fp_hard": counts[1], "fn_hard": counts[2]}
+
+
+class DiffuGTSTrainer_noGrounding(DiffuGTSTrainer):
+    """The denoiser trained on the noise-prediction loss alone (no TokenCompose grounding)."""
+
+    grounding_weights = (0.0, 0.0)
 
 
 class DiffuGTSTrainer_tiny_NoMirroring(NoMirroring, ShortSchedule, DiffuGTSTrainer):
