@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from unseen import DATASET, FOLD, model_folder  # noqa: E402
+from unseen import DATASET, DIFFUGTS_MODELS, FOLD, model_folder  # noqa: E402
 
 from nnunetv2_dsm.dataset import DSMDataset  # noqa: E402
 from nnunetv2_dsm.evaluation.metrics import auroc  # noqa: E402
@@ -46,25 +46,15 @@ def class_maps(net, x: torch.Tensor, adapter: bool) -> tuple[torch.Tensor, torch
     return (abnormal + 1e-6).log() - (healthy + 1e-6).log(), organ
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "diffugts_attention_cpu.json")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for key, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
-        os.environ[key] = str(args.work / sub)
-    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-
-    model = model_folder(args.work / "results", "diffugts")
+def measure(model: Path, cases, threads: int) -> dict:
+    """Per class: organ AUROC in the body, or a seen tumour's anomaly AUROC in its host organ (with and
+    without the adapter), over the training slices that hold a seen tumour."""
     predictor = DiffuGTSPredictor(["liver tumor"], device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model), FOLD)
+    torch.set_num_threads(threads)
     net = predictor.diffugts
     dataset = DSMDataset.from_json(json.loads((model / "dataset.json").read_text()))
     classes = dataset.names
-    data_folder = args.work / "preprocessed" / DATASET / "nnUNetPlans_2d"
-    cases = nnUNetDatasetBlosc2(str(data_folder))
     tumours = [c for c in classes if dataset.is_tumour(c)]
     scores: dict = {}
     for identifier in cases.identifiers:
@@ -87,7 +77,7 @@ def main() -> None:
                         entry.append((own[c][z][host[c][z]], anomaly[:, k][host[c][z]]))
                     elif adapter:
                         entry.append((own[c][z][body], organ[:, k][body]))
-        print(f"  {identifier}: {len(slices)} slices with a seen tumour", flush=True)
+        print(f"  {model.name} {identifier}: {len(slices)} slices with a seen tumour", flush=True)
     result = {}
     for c, runs in scores.items():
         for adapter, parts in runs.items():
@@ -97,17 +87,35 @@ def main() -> None:
             score = np.concatenate([p[1] for p in parts])
             key = ("anomaly_auroc_host" + ("" if adapter else "_no_adapter")) if dataset.is_tumour(c) else "organ_auroc_body"
             result.setdefault(c, {})[key] = round(auroc(truth, score).value, 4)
+    organs = [v["organ_auroc_body"] for v in result.values() if "organ_auroc_body" in v]
+    return {"model": f"{model.name}, fold {FOLD}", "per_class": result,
+            "organ_auroc_body_mean": round(float(np.mean(organs)), 4),
+            "map_scale": round(float(net.map_scale), 4), "map_bias": round(float(net.map_bias), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--models", nargs="+", default=list(DIFFUGTS_MODELS), choices=list(DIFFUGTS_MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "diffugts_attention_cpu.json")
+    args = parser.parse_args()
+    for key, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        os.environ[key] = str(args.work / sub)
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    cases = nnUNetDatasetBlosc2(str(args.work / "preprocessed" / DATASET / "nnUNetPlans_2d"))
+    models = {name: measure(model_folder(args.work / "results", name), cases, args.threads) for name in args.models
+              if (model_folder(args.work / "results", name) / f"fold_{FOLD}" / "checkpoint_final.pth").is_file()}
     payload = {
         "data": "training patient A of the unseen-tumour benchmark (4 versions with synthetic liver and kidney tumours), "
                 "preprocessed slices that hold a seen tumour; organ labels are TotalSegmentator model output",
-        "model": "DiffuGTS method, diffusion model trained here (not the authors' weights): "
-                 f"{model.name}, fold {FOLD}",
-        "per_class": result,
-        "map_scale": round(float(net.map_scale), 4), "map_bias": round(float(net.map_bias), 4),
+        "method": "DiffuGTS method, diffusion model trained here (not the authors' weights)",
+        "models": models,
         "command": " ".join(["python", *sys.argv]), "device": platform.machine(),
     }
     atomic.write_json(args.out, payload)
-    print(json.dumps(payload["per_class"], indent=1))
+    print(json.dumps({n: m["per_class"] for n, m in models.items()}, indent=1))
 
 
 if __name__ == "__main__":
