@@ -109,6 +109,11 @@ def test_inpainting_keeps_the_known_region_and_changes_the_unknown_one() -> None
     torch.testing.assert_close(z[:, :, 8:, 8:], z0[:, :, 8:, 8:], msg="known latents are the image's own")
     torch.testing.assert_close(image[:, :, known], reconstruction[:, :, known], msg="up to the decoder's error")
     assert float((image - reconstruction)[:, :, 8:16, 8:16].abs().mean()) > 1e-3
+    _, partial = inpaint(net, x, region, torch.randn(3, 12), steps=4, strength=0.25)
+    torch.testing.assert_close(partial[:, :, 8:, 8:], z0[:, :, 8:, 8:])
+    unknown = torch.nn.functional.adaptive_max_pool2d(region.float(), z0.shape[2:]).expand_as(z0) > 0
+    assert float((partial - z0)[unknown].abs().mean()) < float((z - z0)[unknown].abs().mean()), \
+        "starting from the image noised to a quarter of the schedule stays nearer the image than pure noise"
 
 
 def test_refinement_outputs_and_empty_region() -> None:

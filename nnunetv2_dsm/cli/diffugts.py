@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder of <case>.nii.gz masks on the images' grids: inpaint these regions (non-zero) "
                              "instead of the thresholded attention, e.g. for the pseudo-healthy image of a known lesion")
     parser.add_argument("--inpaint-steps", type=int, default=25, help="DDIM steps of the RePaint inpainting")
+    parser.add_argument("--strength", type=float, default=0.25,
+                        help="noise level the inpainting starts from, as a fraction of the schedule (1: pure noise; "
+                             "default 0.25, AnoDDPM's partial diffusion)")
     parser.set_defaults(func=run)
 
 
@@ -41,13 +44,16 @@ def run(args: argparse.Namespace) -> int:
     device = checked_output_and_device(args)
     if args.regions is not None and not args.regions.is_dir():
         raise DSMPredictionError(f"--regions {args.regions} is not a folder; give the folder of <case>.nii.gz masks")
+    if not 0 < args.strength <= 1:
+        raise DSMPredictionError(f"--strength must lie in (0, 1], got {args.strength}")
     if not 0 < args.threshold < 1 or args.inpaint_steps < 1:
         raise DSMPredictionError(f"--threshold must lie in (0, 1) and --inpaint-steps be >= 1, got {args.threshold} "
                                  f"and {args.inpaint_steps}")
     try:
         predictor = DiffuGTSPredictor(args.prompts, text_encoder=args.text_encoder, device=device,
                                       threshold=args.threshold, inpaint_steps=args.inpaint_steps,
-                                      threshold_mode=args.threshold_mode, regions=args.regions)
+                                      threshold_mode=args.threshold_mode, regions=args.regions,
+                                      strength=args.strength)
         predictor.initialize_from_trained_model_folder(str(args.model), args.fold, args.checkpoint)
         cases = predictor.predict_folder(args.input, args.output)
     except (DSMPredictionError, EncoderMismatchError, MissingPromptError, InputError) as e:

@@ -43,17 +43,23 @@ from nnunetv2_dsm.text.spec import spec_hint
 DIFFUGTS_DIR = "diffugts"
 EXTRA_MAPS = ("attention", "residual", "pseudo_healthy")
 THRESHOLD_MODES = ("relative", "absolute")
+# The inpainting starts from the image noised to a quarter of the schedule: AnoDDPM's partial diffusion
+# (Wyatt et al., CVPRW 2022, lambda = 250 of T = 1000), which keeps the anatomy and replaces what the
+# denoiser reads as noise at that level; from pure noise (1.0) a model trained on a few patients
+# generates the region with no regard to the tissue around it.
+DEFAULT_STRENGTH = 0.25
 
 
 class DiffuGTSPredictor(DSMPredictor):
     def __init__(self, prompts, text_encoder: str | None = None, device: torch.device = torch.device("cuda"),
                  allow_tqdm: bool = True, threshold: float = 0.5, inpaint_steps: int = 25, batch_slices: int = 8,
-                 seed: int = 0, threshold_mode: str = "relative", regions: str | Path | None = None) -> None:
+                 seed: int = 0, threshold_mode: str = "relative", regions: str | Path | None = None,
+                 strength: float = DEFAULT_STRENGTH) -> None:
         if threshold_mode not in THRESHOLD_MODES:
             raise DSMPredictionError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
         super().__init__(prompts, text_encoder=text_encoder, use_mirroring=False, device=device, allow_tqdm=allow_tqdm)
         self.threshold, self.inpaint_steps, self.batch_slices, self.seed = threshold, inpaint_steps, batch_slices, seed
-        self.threshold_mode = threshold_mode
+        self.threshold_mode, self.strength = threshold_mode, strength
         self.regions = None if regions is None else Path(regions)
         self._region: Tensor | None = None  # the current case's preprocessed region mask, with ``regions``
 
@@ -161,7 +167,8 @@ class DiffuGTSPredictor(DSMPredictor):
             for i in range(num):
                 healthy = net.pair_tokens(self.pairs[i:i + 1, :1])
                 probability = F.pad(out[num + i, start:start + x.shape[0], None], (0, pad[1], 0, pad[0])).to(self.device)
-                result = refine(net, x, probability, healthy, float(thresholds[i]), self.inpaint_steps, self.seed, region)
+                result = refine(net, x, probability, healthy, float(thresholds[i]), self.inpaint_steps, self.seed, region,
+                                self.strength)
                 for k, m in ((0, result.refined), (2, result.residual), (3, result.pseudo_healthy[:, :1])):
                     out[k * num + i, start:start + x.shape[0]] = m[:, 0, :height, :width].cpu()
         return out
@@ -192,6 +199,7 @@ class DiffuGTSPredictor(DSMPredictor):
                         for i, (p, s) in enumerate(zip(self.prompts, self.slugs))],
             "threshold": self.threshold, "threshold_mode": self.threshold_mode,
             "regions": None if self.regions is None else str(self.regions), "inpaint_steps": self.inpaint_steps,
+            "strength": self.strength,
             "trainer": self.trainer_name, "text_encoder": self.encoder_id,
         }
         atomic.write_json(output_folder / "prompts.json", info)

@@ -43,9 +43,13 @@ def candidate_region(probability: Tensor, threshold: float = 0.5, dilation: int 
 
 @torch.no_grad()
 def inpaint(net: DiffuGTSNetwork, x: Tensor, region: Tensor, healthy_tokens: Tensor, steps: int = 25,
-            seed: int = 0) -> tuple[Tensor, Tensor]:
+            seed: int = 0, strength: float = 1.0) -> tuple[Tensor, Tensor]:
     """RePaint in latent space: ``region`` generated from ``healthy_tokens``, the rest kept; (image, latent).
 
+    ``strength`` (diffusers' img2img convention, SDEdit): the reverse process starts from the image's own
+    latent noised to ``strength`` of the schedule and runs the last ``strength * steps`` steps; 1 starts
+    from pure noise (plain RePaint). Below 1 the region keeps the image's coarse structure and only what
+    the denoiser sees as noise at that level is replaced, as AnoDDPM's partial diffusion removes anomalies.
     Outside the latent footprint of ``region`` the image is the autoencoder's reconstruction of ``x``:
     unchanged up to the decoder's error.
     """
@@ -55,9 +59,12 @@ def inpaint(net: DiffuGTSNetwork, x: Tensor, region: Tensor, healthy_tokens: Ten
     tokens = healthy_tokens.expand(x.shape[0], -1, -1) if healthy_tokens.ndim == 2 else healthy_tokens
     ddim = DDIMScheduler.from_config(net.scheduler.config, clip_sample=False, timestep_spacing="trailing")
     ddim.set_timesteps(steps, device=x.device)
+    timesteps = ddim.timesteps[steps - max(1, min(steps, round(strength * steps))):]
     generator = torch.Generator(device=x.device).manual_seed(seed)
     z = torch.randn(z0.shape, generator=generator, device=x.device, dtype=z0.dtype)
-    for t in ddim.timesteps:
+    if strength < 1:
+        z = ddim.add_noise(z0, z, timesteps[:1])
+    for t in timesteps:
         noise = torch.randn(z0.shape, generator=generator, device=x.device, dtype=z0.dtype)
         known = ddim.add_noise(z0, noise, t.reshape(1))
         z = torch.where(unknown, z, known)
@@ -83,12 +90,14 @@ def residual_map(net: DiffuGTSNetwork, reconstruction: Tensor, pseudo_healthy: T
 
 @torch.no_grad()
 def refine(net: DiffuGTSNetwork, x: Tensor, probability: Tensor, healthy_tokens: Tensor, threshold: float = 0.5,
-           steps: int = 25, seed: int = 0, region: Tensor | None = None) -> Refinement:
+           steps: int = 25, seed: int = 0, region: Tensor | None = None, strength: float = 1.0) -> Refinement:
     """Pseudo-healthy image of the candidate region, residual, and the refined map ``sqrt(p * residual)``.
 
     The candidate region is ``candidate_region(probability, threshold)``, or ``region`` when given (a
-    known lesion mask, (B, 1, H, W) bool, inpainted as it is). Where a batch has no candidate pixel nothing
-    is inpainted, the residual is 0 and the refined map is ``p / 2`` (below any refined lesion of equal
+    known lesion mask, (B, 1, H, W) bool, inpainted as it is); ``strength`` as in ``inpaint``. The
+    residual is kept inside the region (0 outside: the latent-feature term would otherwise spread the
+    encoder's global context over the whole slice). Where a batch has no candidate pixel nothing is
+    inpainted, the residual is 0 and the refined map is ``p / 2`` (below any refined lesion of equal
     probability whose residual exceeds 1/4).
     """
     # x: (B, C, H, W), probability: (B, 1, H, W), region: (B, 1, H, W) bool or None -> Refinement
@@ -97,7 +106,7 @@ def refine(net: DiffuGTSNetwork, x: Tensor, probability: Tensor, healthy_tokens:
     if not bool(region.any()):
         zero = torch.zeros_like(probability)
         return Refinement(reconstruction, reconstruction, zero, probability / 2, region)
-    pseudo, _ = inpaint(net, x, region, healthy_tokens, steps, seed)
-    residual = residual_map(net, reconstruction, pseudo)
+    pseudo, _ = inpaint(net, x, region, healthy_tokens, steps, seed, strength)
+    residual = residual_map(net, reconstruction, pseudo) * region
     refined = torch.where(region, (probability * residual).sqrt(), probability / 2)
     return Refinement(pseudo, reconstruction, residual, refined, region)

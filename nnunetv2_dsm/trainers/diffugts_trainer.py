@@ -205,7 +205,7 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
             grounded = any(self.grounding_weights)
             losses = net.diffusion_loss(data, tokens, token_masks=masks if grounded else None,
                                         grounding_max_timestep=self.grounding_max_timestep)
-            self._phase_terms.append([float(v) for v in losses])
+            self._phase_terms.append([float(v.detach()) for v in losses])
             return losses.noise + self.grounding_weights[0] * losses.token + self.grounding_weights[1] * losses.pixel
         tumour = self.tumour_channels
         logits = net.anomaly_logits(data, net.class_pairs[tumour])
