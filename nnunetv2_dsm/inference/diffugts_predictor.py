@@ -30,12 +30,13 @@ from torch import Tensor
 
 from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.errors import InputError, raise_input_errors
-from nnunetv2_dsm.inference.predictor import DSMPredictor, _unwrap
+from nnunetv2_dsm.inference.predictor import DSMPredictor
 from nnunetv2_dsm.inference.prompts import SCORES_DIR, DSMPredictionError, class_name_for_prompt, label_map
 from nnunetv2_dsm.io import atomic
 from nnunetv2_dsm.io.orientation import ORIENTATION_KEY
 from nnunetv2_dsm.networks.diffugts import DiffuGTSNetwork
 from nnunetv2_dsm.networks.diffugts_inpaint import refine
+from nnunetv2_dsm.networks.unwrap import uncompiled
 from nnunetv2_dsm.text import check_encoder_matches, get_text_encoder
 from nnunetv2_dsm.text.anomaly_prompts import pair_embeddings, prompt_pair
 from nnunetv2_dsm.text.spec import spec_hint
@@ -81,7 +82,7 @@ class DiffuGTSPredictor(DSMPredictor):
             raise DSMPredictionError(f"{checkpoint} does not exist: train the model, or pass --checkpoint / -f")
         nnUNetPredictor.initialize_from_trained_model_folder(self, str(model_folder), (fold,), checkpoint_name)
         self.configuration_name = model_folder.resolve().name.split("__")[-1]
-        network = _unwrap(self.network)
+        network = uncompiled(self.network)
         if not isinstance(network, DiffuGTSNetwork):
             raise DSMPredictionError(f"{model_folder} holds a {type(network).__name__}, not a DiffuGTS model "
                                      "(DiffuGTSTrainer); use `nnunetv2_dsm predict` for DSM models")

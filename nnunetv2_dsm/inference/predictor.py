@@ -35,7 +35,6 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import Tensor, nn
-from torch._dynamo import OptimizedModule
 from tqdm import tqdm
 
 from nnunetv2_dsm.checks.inputs import InputError, check_prediction_inputs, read_image_checked
@@ -58,14 +57,11 @@ from nnunetv2_dsm.label_handling.dsm_label_manager import DSMLabelManager
 from nnunetv2_dsm.networks.amvp import minmax_per_case
 from nnunetv2_dsm.networks.dsm_network import DSMNetwork
 from nnunetv2_dsm.networks.dsm_stage2 import DSMStage2Network
+from nnunetv2_dsm.networks.unwrap import uncompiled
 from nnunetv2_dsm.text import check_encoder_matches, class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.text.record import TEXT_CHECKPOINT_KEY, TEXT_JSON
 from nnunetv2_dsm.text.spec import spec_hint
 from nnunetv2_dsm.vocabulary import CANONICAL, prompt_for
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network._orig_mod if isinstance(network, OptimizedModule) else network
 
 
 class TrainedClassSelection(nn.Module):
@@ -192,7 +188,7 @@ class DSMPredictor(nnUNetPredictor):
             ) from err
         # nnU-Net names model folders <Trainer>__<Plans>__<configuration>.
         self.configuration_name = model_folder.resolve().name.split("__")[-1]
-        network = _unwrap(self.network)
+        network = uncompiled(self.network)
         dataset = DSMDataset.from_json(self.dataset_json, model_folder / "dataset.json")
         trained = dataset.prompt_names
         organ = dataset.organ_channels
@@ -325,7 +321,7 @@ class DSMPredictor(nnUNetPredictor):
     def _amvp(self):
         """The stage-2 network's AMVP module when it uses one, else None."""
         network = self.network.network if isinstance(self.network, TrainedClassSelection) else self.network
-        network = _unwrap(network)
+        network = uncompiled(network)
         if isinstance(network, DSMStage2Network) and network.tumour_decoder.use_amvp:
             return network.tumour_decoder.amvp
         return None

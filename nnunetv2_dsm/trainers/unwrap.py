@@ -2,10 +2,10 @@
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
-from torch._dynamo import OptimizedModule
+
+from nnunetv2_dsm.networks.unwrap import uncompiled
 
 
 def bare_network(trainer: nnUNetTrainer) -> nn.Module:
     """``trainer.network`` with ``DistributedDataParallel`` (``is_ddp``) and ``torch.compile`` removed."""
-    module = trainer.network.module if trainer.is_ddp else trainer.network
-    return module._orig_mod if isinstance(module, OptimizedModule) else module
+    return uncompiled(trainer.network.module if trainer.is_ddp else trainer.network)
