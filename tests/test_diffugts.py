@@ -86,7 +86,7 @@ def test_grounding_losses_vanish_for_attention_on_the_named_masks_and_train_the_
     token_masks[:, 0, :16] = 1
     losses = net.diffusion_loss(x, tokens, token_masks=token_masks, grounding_max_timestep=1000,
                                 generator=torch.Generator().manual_seed(0))
-    assert float(losses.token) > 0 and float(losses.pixel) > 0 and not net.store.recording
+    assert float(losses.token.detach()) > 0 and float(losses.pixel.detach()) > 0 and not net.store.recording
     (losses.token + losses.pixel).backward()
     attention = [p.grad for n, p in net.unet.named_parameters() if "attn2.to_k" in n]
     assert attention and all(g is not None and float(g.abs().sum()) > 0 for g in attention), \
@@ -204,7 +204,9 @@ def test_prediction_writes_every_map_in_input_geometry(env: dict, model: Path, t
             assert np.isfinite(sitk.GetArrayFromImage(result)).all()
         maps[prompt] = sitk.GetArrayFromImage(sitk.ReadImage(str(written[2])))
         healthy = sitk.GetArrayFromImage(sitk.ReadImage(str(written[4])))
-        assert healthy.max() > 100, "the pseudo-healthy image is in Hounsfield units again"
+        # nnU-Net's normalised intensities lie within a few units of 0; Hounsfield units spread over tens to
+        # thousands (an autoencoder trained for two iterations reconstructs a narrow band of them)
+        assert np.percentile(np.abs(healthy), 99) > 20, "the pseudo-healthy image is in Hounsfield units again"
         info = json.loads((out / "prompts.json").read_text())
         assert "trained here" in info["method"] and info["prompts"][0]["healthy_text"].endswith(prompt.split()[0])
     assert not np.allclose(maps["pancreas tumor"], maps["spleen tumor"]), "the prompt changes the map"
