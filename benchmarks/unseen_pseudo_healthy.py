@@ -49,9 +49,11 @@ def lesion_region_maps(name: str, work: Path, test: Path, env: dict, log, unseen
         return out
     dataset = json.loads((test / "dataset.json").read_text())
     tumour_ids = [dataset["labels"][t] for t in unseen]
-    regions = work / "lesion_regions"
+    regions = work / "lesion_regions"  # shared by every DiffuGTS model of the work folder
     regions.mkdir(parents=True, exist_ok=True)
     for label in sorted((test / "labels").glob("*.nii.gz")):
+        if (regions / label.name).exists():
+            continue
         reference = sitk.ReadImage(str(label))
         mask = sitk.GetImageFromArray(np.isin(sitk.GetArrayFromImage(reference), tumour_ids).astype(np.uint8))
         mask.CopyInformation(reference)

@@ -130,11 +130,10 @@ class DiffuGTSPredictor(DSMPredictor):
                                            "resample the mask onto the image's grid (nearest neighbour)"))
         raise_input_errors(problems)
 
-    def _preprocess_case(self, preprocessor, files: list[str], mask=None):
+    def _preprocess_case(self, preprocessor, case: str, files: list[str], mask=None):
         if self.regions is None:
-            return super()._preprocess_case(preprocessor, files, mask)
-        case = Path(files[0]).name[: -len(f"_0000{self.dataset_json['file_ending']}")]
-        data, seg, properties, grid = super()._preprocess_case(preprocessor, files, self._region_file(case))
+            return super()._preprocess_case(preprocessor, case, files, mask)
+        data, seg, properties, grid = super()._preprocess_case(preprocessor, case, files, self._region_file(case))
         self._region = torch.from_numpy(seg[0] > 0)
         return data, seg, properties, grid
 

@@ -297,15 +297,16 @@ class DSMPredictor(nnUNetPredictor):
             # sit beside a prompts.json that no longer lists them.
             for slug in earlier - set(self.slugs):
                 (output_folder / SCORES_DIR / f"{case}_{slug}.nii.gz").unlink(missing_ok=True)
-            data, _, properties, grid = self._preprocess_case(preprocessor, files)
+            data, _, properties, grid = self._preprocess_case(preprocessor, case, files)
             logits = self.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float()
             self._export(logits, properties, targets, grid)
             done.append(case)
         return done
 
-    def _preprocess_case(self, preprocessor, files: list[str], mask: str | Path | None = None):
-        """nnU-Net's preprocessing of one case's channel files (and a mask on the same grid, nearest
-        resampling, as nnU-Net treats a segmentation): (data, mask or None, properties, grid)."""
+    def _preprocess_case(self, preprocessor, case: str, files: list[str], mask: str | Path | None = None):
+        """nnU-Net's preprocessing of case ``case``'s channel files (and a mask on the same grid, nearest
+        resampling, as nnU-Net treats a segmentation): (data, mask or None, properties, grid). Subclasses
+        use ``case`` to find per-case inputs."""
         with tempfile.TemporaryDirectory(prefix="dsm_reoriented_") as tmp:
             # Inputs in another orientation than the training images are reoriented (losslessly)
             # and every output is mapped back onto the input's own grid.
