@@ -86,6 +86,10 @@ class DSMTrainer_Demo(DSMTrainer_Benchmark):
     iterations = 150
 
 
+class DSMTrainer_Demo_contrastAug(ContrastPhaseAugmentation, DSMTrainer_Demo):
+    """The demo's budget with contrast-phase augmentation (``nnunetv2_dsm demo --trainer ...``)."""
+
+
 class DSMTrainer_Benchmark_kmeansVoid(DSMTrainer_Benchmark):
     """The benchmark's DSM run with a void option in the k-means assignment (background joins no cluster)."""
 
