@@ -57,7 +57,9 @@ def lesion_region_maps(name: str, work: Path, test: Path, env: dict, log, unseen
         reference = sitk.ReadImage(str(label))
         mask = sitk.GetImageFromArray(np.isin(sitk.GetArrayFromImage(reference), tumour_ids).astype(np.uint8))
         mask.CopyInformation(reference)
-        sitk.WriteImage(mask, str(regions / label.name))
+        # atomic: a mask that exists is reused by the next model, so none may be half-written
+        with atomic.atomic_path(regions / label.name, check=lambda tmp: sitk.ReadImage(str(tmp))) as tmp:
+            sitk.WriteImage(mask, str(tmp), useCompression=True)
     run([str(BIN / "nnunetv2_dsm"), "diffugts-predict", "-i", str(test / "images"), "-o", str(out), "-m", str(model),
          "-f", FOLD, "--device", "cpu", "--regions", str(regions), "--prompts", *[prompt_of(t) for t in unseen]],
         env, log)
