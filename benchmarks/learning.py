@@ -32,21 +32,17 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-import SimpleITK as sitk
 import torch
+from _learning_report import (confusion_of_classes, dice_per_class, mark_autoencoder_epochs, merge_earlier, plot,
+                              replot)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from nnunetv2_dsm.data.totalseg_example import TEST_PATIENT_C, build_example_dataset, write_test_patient_c  # noqa: E402
-from nnunetv2_dsm.evaluation.leaderboard import build_leaderboard, collect_results  # noqa: E402
-from nnunetv2_dsm.evaluation.leaderboard import write_leaderboard as write_leaderboard_files  # noqa: E402
-from nnunetv2_dsm.io import atomic  # noqa: E402
-from nnunetv2_dsm.trainers.benchmark import LEARNING_LOG, DSMTrainer_Benchmark  # noqa: E402
-from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer  # noqa: E402
-from nnunetv2_dsm.visualization import overlay_png  # noqa: E402
+from nnunetv2_dsm.data.totalseg_example import TEST_PATIENT_C, build_example_dataset, write_test_patient_c
+from nnunetv2_dsm.evaluation.leaderboard import build_leaderboard, collect_results
+from nnunetv2_dsm.evaluation.leaderboard import write_leaderboard as write_leaderboard_files
+from nnunetv2_dsm.io import atomic
+from nnunetv2_dsm.trainers.benchmark import LEARNING_LOG, DSMTrainer_Benchmark
+from nnunetv2_dsm.visualization import overlay_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
@@ -107,18 +103,6 @@ def run_until(cmd: list[str], env: dict, log, learning_log: Path, epochs: int) -
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def dice_per_class(prediction: Path, reference: Path, labels: dict[str, int]) -> dict[str, float]:
-    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
-    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))
-    out = {}
-    for name, label in labels.items():
-        p, r = pred == label, ref == label
-        denominator = p.sum() + r.sum()
-        out[name] = round(float(2 * (p & r).sum() / denominator), 4) if denominator else float("nan")
-    out["mean"] = round(float(np.nanmean([out[n] for n in labels])), 4)
-    return out
-
-
 def predict(name: str, inputs: Path, out: Path, configuration: str, env: dict, log) -> float:
     """``nnUNetv2_predict`` of every image in ``inputs`` with model ``name`` (fold 0); returns its CPU seconds."""
     trainer, plans = MODELS[name]
@@ -147,90 +131,6 @@ def draw_overlays(models: list[str], work: Path, dataset: Path, labels: dict[str
         png = overlay_png(dataset / "imagesTr" / f"{HELD_OUT}_0000.nii.gz", prediction, out / f"{name}_B.png", names,
                           dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", title=f"{name}, patient B")
         print(f"  {png}", flush=True)
-
-
-def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {"dsm": "tab:red", "nnunet": "tab:blue", "dsm_sgd": "tab:orange", "dsm_kmeans_void": "tab:purple",
-               "dsm_static_queries": "tab:green", "dsm_no_ssm": "tab:brown", "dsm_bg_query": "tab:pink",
-               "dsm_bg_query_update_drop": "tab:gray", "sdseg": "tab:olive", "sdseg_final_step": "tab:cyan",
-               "dsm_contrast_aug": "darkred", "nnunet_contrast_aug": "navy"}
-    labels = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)", "dsm_sgd": "DSM, SGD everywhere",
-              "dsm_kmeans_void": "DSM, k-means void", "dsm_static_queries": "DSM, queries not updated per image",
-              "dsm_no_ssm": "DSM without SSM", "dsm_bg_query": "DSM, background query",
-              "dsm_bg_query_update_drop": "DSM, background query + update dropout",
-              "sdseg": "SDSeg (from scratch)", "sdseg_final_step": "SDSeg, 1/4 of samples at t=T-1",
-              "dsm_contrast_aug": "DSM, contrast-phase aug.", "nnunet_contrast_aug": "nnU-Net, contrast-phase aug."}
-    for name, epochs in curves.items():
-        epochs = [e for e in epochs if e.get("phase") != "autoencoder"]  # SDSeg's reconstruction Dice
-        iterations = [e["iterations"] for e in epochs]
-        cpu = [e["cpu_seconds"] for e in epochs]
-        mean_dice = [float(np.mean(e["pseudo_dice"])) for e in epochs]
-        label = labels.get(name, name)
-        for ax, x in zip(axes, (iterations, cpu)):
-            ax.plot(x, mean_dice, "o-", color=colours.get(name), label=f"{label}: pseudo-Dice on B patches")
-            if name not in final:
-                continue
-            ax.plot([x[-1]], [final[name]["mean"]], "*", markersize=14, color=colours.get(name),
-                    label=f"{label}: full-volume Dice on B ({final[name]['mean']:.3f})")
-    axes[0].set_xlabel("training iterations")
-    axes[1].set_xlabel("training CPU seconds")
-    for ax in axes:
-        ax.set_ylabel("mean Dice over 5 organs, held-out patient B")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic.atomic_path(out_png) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-
-
-def mark_autoencoder_epochs(name: str, epochs: list[dict]) -> list[dict]:
-    """SDSeg's first epochs train its mask autoencoder: their pseudo-Dice is reconstruction Dice, not a
-    prediction, so they are marked ``phase: autoencoder`` and left out of the plotted curves."""
-    if not name.startswith("sdseg"):
-        return epochs
-    if not epochs:
-        return epochs
-    first = SDSegTrainer.autoencoder_epochs_of(max(e["epoch"] for e in epochs) + 1)
-    return [{**e, "phase": "autoencoder" if e["epoch"] < first else "diffusion"} for e in epochs]
-
-
-def replot(out: Path) -> None:
-    """Redraw the PNG of an existing results file (after marking SDSeg's autoencoder epochs)."""
-    payload = json.loads(out.read_text())
-    payload["curves"] = {k: mark_autoencoder_epochs(k, v) for k, v in payload["curves"].items()}
-    atomic.write_json(out, payload, strict=False)
-    final = {k[: -len("_heldout_dice")]: v for k, v in payload.items() if k.endswith("_heldout_dice")}
-    config = payload["config"]
-    plot(payload["curves"], final, out.with_suffix(".png"),
-         f"Trained on patient A, Dice on held-out patient B (TotalSegmentator labels); {config['configuration']}, "
-         f"{config['spacing_mm'][0]:g} mm, {config['epochs']}x{config['iterations_per_epoch']} iterations "
-         f"(SDSeg: iterations per model in the JSON), CPU {config['threads']} threads")
-
-
-def merge_earlier(payload: dict, earlier: dict, models_now: list[str]) -> None:
-    """Keep the results of models not run now (from ``earlier``, the previous --out file), marked as such."""
-    per_model = ("cpu_seconds", "status", "curves", "iterations_per_model", "predict_cpu_seconds")
-    kept = [m for m in earlier.get("curves", {}) if m not in models_now]
-    for key in per_model:
-        for model in kept:
-            if model in earlier.get(key, {}):
-                payload.setdefault(key, {})[model] = earlier[key][model]
-    for model in kept:
-        payload.setdefault("iterations_per_model", {}).setdefault(model, earlier.get("iterations"))
-        for suffix in ("_heldout_dice", "_seed_to_seed_dice", "_patient_c_dice"):
-            if model + suffix in earlier:
-                payload[model + suffix] = earlier[model + suffix]
-    if kept:
-        payload["earlier_runs"] = {**earlier.get("earlier_runs", {}),
-                                   **{m: {"command": earlier.get("command"), "trainers": earlier.get("config", {}).get(
-                                       "trainers", {}).get(m)} for m in kept if m not in earlier.get("earlier_runs", {})}}
-    for key in ("ratio_dsm_over_nnunet_mean_dice",):
-        if key in earlier and key not in payload:
-            payload[key] = earlier[key]
 
 
 def leaderboard_folder(out: Path) -> Path:
@@ -281,6 +181,9 @@ def main() -> None:
     parser.add_argument("--patient-c", action="store_true",
                         help="only predict test patient C (aorta only) with the --models already trained in WORK and "
                              "add their aorta Dice to --out")
+    parser.add_argument("--confusion", action="store_true",
+                        help="only add to --out where each organ of patient B went in the --models' predictions "
+                             "already in WORK (fractions of its voxels per predicted label)")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG of --out from its JSON")
     parser.add_argument("--leaderboard", action="store_true",
                         help="only write the leaderboard of the models in --out from the trained runs in WORK")
@@ -333,6 +236,14 @@ def main() -> None:
     if args.overlays:
         draw_overlays(args.models, work, dataset, labels, args.out.with_name(args.out.stem + "_overlays"))
         return
+    if args.confusion:
+        payload = json.loads(args.out.read_text())
+        for name in args.models:
+            payload[f"{name}_heldout_confusion"] = confusion_of_classes(
+                work / f"prediction_{name}" / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
+            print(f"  {name}: {payload[f'{name}_heldout_confusion']}", flush=True)
+        atomic.write_json(args.out, payload, strict=False)
+        return
     if args.patient_c:
         payload = json.loads(args.out.read_text())
         for name in args.models:
@@ -343,7 +254,7 @@ def main() -> None:
         return
 
     curves, final, cpu_seconds, status, iterations, seed_agreement = {}, {}, {}, {}, {}, {}
-    patient_c = {}
+    patient_c, confusions = {}, {}
     predict_seconds: dict[str, float] = {}
     for name in args.models:
         trainer, plans = MODELS[name]
@@ -371,6 +282,8 @@ def main() -> None:
         out = work / f"prediction_{name}"
         predict_seconds[name] = predict(name, inputs, out, args.configuration, env, log)
         final[name] = dice_per_class(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
+        confusions[name] = confusion_of_classes(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz",
+                                                labels)
         print(f"  {name}: held-out Dice {final[name]}", flush=True)
         patient_c[name] = predict_patient_c(name, work, env, log, args.configuration, labels["aorta"])
         if name.startswith("sdseg"):
@@ -408,6 +321,8 @@ def main() -> None:
         payload["classes"] = json.loads((dataset / "dataset.json").read_text())["labels"]
     for name, dice in final.items():
         payload[f"{name}_heldout_dice"] = dice
+    for name, rows in confusions.items():
+        payload[f"{name}_heldout_confusion"] = rows
     for name, dice in seed_agreement.items():
         payload[f"{name}_seed_to_seed_dice"] = dice
     for name, dice in patient_c.items():

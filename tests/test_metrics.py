@@ -14,6 +14,7 @@ from nnunetv2_dsm.evaluation.metrics import (
     NOT_ANNOTATED,
     auroc,
     body_mask,
+    confusion,
     dice,
     fpr_at_tpr,
     roc_metrics,
@@ -85,6 +86,19 @@ def test_dice_ignore_mask_leaves_voxels_out():
 def test_dice_shape_mismatch_raises():
     with pytest.raises(ValueError, match="share one shape"):
         dice(np.zeros((2, 2), bool), np.zeros((2, 3), bool))
+
+
+def test_confusion_rows_say_where_each_reference_class_went():
+    reference = np.array([[1, 1, 1, 1], [2, 2, 0, 0]])
+    prediction = np.array([[1, 2, 2, 0], [2, 2, 1, 0]])
+    rows = confusion(reference, prediction, {"spleen": 1, "liver": 2, "aorta": 3})
+    assert set(rows) == {"spleen", "liver"}  # aorta is absent from the reference: no row
+    assert rows["spleen"] == {"background": 0.25, "spleen": 0.25, "liver": 0.5, "aorta": 0.0}
+    assert rows["liver"] == {"background": 0.0, "spleen": 0.0, "liver": 1.0, "aorta": 0.0}
+    for row in rows.values():
+        assert sum(row.values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="share one shape"):
+        confusion(reference, prediction[:, :3], {"spleen": 1})
 
 
 # --- AUROC / FPR95 -----------------------------------------------------------------------------

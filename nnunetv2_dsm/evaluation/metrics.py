@@ -1,4 +1,5 @@
-"""Voxel-level segmentation and localisation metrics of DSM: DSC, AUROC and FPR95 (paper section 5.2).
+"""Voxel-level segmentation and localisation metrics of DSM: DSC, AUROC and FPR95 (paper section 5.2),
+and the confusion of classes that explains a low DSC.
 
 Every metric returns a :class:`Metric`: a value and, when the value is undefined (nan), the reason.
 Undefined is never folded into 0 or 1: a (case, class) pair that was not annotated (partial labels)
@@ -71,6 +72,29 @@ def dice(
     if n_ref + n_pred == 0:
         return Metric.undefined(BOTH_EMPTY)
     return Metric(2.0 * tp / (n_ref + n_pred))
+
+
+def confusion(reference: np.ndarray, prediction: np.ndarray, labels: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Where each reference class went: for every class of ``labels`` present in ``reference``, the
+    fraction of its voxels that ``prediction`` assigns to each label (``background`` = 0 included).
+
+    Rows sum to 1 up to voxels predicted as labels outside ``labels``. Classes absent from the reference
+    are left out (no voxels to distribute). Answers *why* a Dice is low: a missed organ read as
+    background, or read as another organ.
+    """
+    _check_same_shape(reference=reference, prediction=prediction)
+    ref, pred = np.asarray(reference), np.asarray(prediction)
+    columns = {"background": 0, **{n: v for n, v in labels.items() if v != 0}}
+    out = {}
+    for name, label in columns.items():
+        if name == "background":
+            continue
+        inside = pred[ref == label]
+        if inside.size == 0:
+            continue
+        out[name] = {other: float(np.count_nonzero(inside == value)) / inside.size
+                     for other, value in columns.items()}
+    return out
 
 
 def _roi_samples(
