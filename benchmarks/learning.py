@@ -34,8 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _learning_report import (confusion_of_classes, dice_per_class, mark_autoencoder_epochs, merge_earlier, plot,
-                              replot)
+from _learning_report import (
+    confusion_of_classes,
+    dice_per_class,
+    mark_autoencoder_epochs,
+    merge_earlier,
+    plot,
+    replot,
+)
 
 from nnunetv2_dsm.data.totalseg_example import TEST_PATIENT_C, build_example_dataset, write_test_patient_c
 from nnunetv2_dsm.evaluation.leaderboard import build_leaderboard, collect_results

@@ -5,6 +5,10 @@ import os
 if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
+# nnU-Net's validation, evaluation and export start nnUNet_def_n_proc spawned workers (default 8), each
+# importing torch and nnunetv2: on a 2-core machine that start-up costs more than the tiny tests' training.
+os.environ.setdefault("nnUNet_def_n_proc", "1")
+
 import importlib.util
 from pathlib import Path
 

@@ -40,10 +40,12 @@ LOOKUPS = textwrap.dedent("""
     if __name__ == "__main__":
         import multiprocessing as mp
         names, trainer_file = lookups()
+        diffusers_after_lookup = "diffusers" in sys.modules
         with mp.get_context("spawn").Pool(1) as pool:
             worker_names = pool.apply(lookups)[0]
         print(json.dumps({"torch_at_startup": torch_at_startup, "names": names, "worker_names": worker_names,
-                          "trainer_file": trainer_file, "env": os.environ.get("nnUNet_extTrainer")}))
+                          "trainer_file": trainer_file, "env": os.environ.get("nnUNet_extTrainer"),
+                          "diffusers_after_lookup": diffusers_after_lookup}))
 """)
 
 
@@ -86,11 +88,25 @@ def test_stock_lookups_find_dsm_classes(mode: str, tmp_path: Path) -> None:
     assert result["worker_names"] == expected, "spawned worker processes must find the DSM classes too"
     assert result["env"] is None, "no environment variable is needed"
     assert not result["torch_at_startup"], "the start-up hook must not import torch"
+    # nnU-Net's lookup imports every trainer module: the SDSeg and DiffuGTS networks (diffusers) load only when built
+    assert not result["diffusers_after_lookup"], "finding a trainer must not import diffusers"
     trainer_file = Path(result["trainer_file"]).resolve()
     if mode == "regular":
         assert trainer_file.is_relative_to(site_dir.resolve())
     else:
         assert trainer_file.is_relative_to(REPO)
+
+
+def test_network_class_names_in_plans_resolve() -> None:
+    """The planners write these names without importing the networks; nnU-Net imports them to build one."""
+    import importlib
+
+    from nnunetv2_dsm.planners.sdseg_planner import SDSEG_NETWORK
+    from nnunetv2_dsm.trainers.diffugts_trainer import DIFFUGTS_NETWORK
+
+    for name in (SDSEG_NETWORK, DIFFUGTS_NETWORK):
+        module, cls = name.rsplit(".", 1)
+        assert isinstance(getattr(importlib.import_module(module), cls), type), name
 
 
 def test_unknown_class_still_reported_by_nnunet() -> None:

@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),
            "nnUNet_results": str(results), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0"),
-           "nnUNet_compile": "f"}
+           "nnUNet_compile": "f",
+           # nnU-Net starts 8 spawned workers for validation and export unless told: more than 2 cores can run
+           "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))}
     bin_dir = Path(sys.executable).parent
     start = time.time()
     steps = ["dataset", "plan+preprocess", "train", "predict", "evaluate+report"]

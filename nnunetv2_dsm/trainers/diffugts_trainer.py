@@ -19,6 +19,8 @@ The text encoder is ``text_encoder_spec`` (``DSM_TEXT_ENCODER`` overrides), reco
 checkpoint like DSM stage 2's, so prediction embeds new prompts in the same space.
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -28,7 +30,6 @@ from nnunetv2_dsm import settings
 from nnunetv2_dsm.dataset import DSMDataset
 from nnunetv2_dsm.errors import DSMError
 from nnunetv2_dsm.losses import PartialLabelDiceBCELoss, availability_from_keys
-from nnunetv2_dsm.networks.diffugts import DiffuGTSNetwork
 from nnunetv2_dsm.text import class_prompt_embeddings, get_text_encoder
 from nnunetv2_dsm.text.anomaly_prompts import pair_embeddings
 from nnunetv2_dsm.trainers.checkpointing import AtomicCheckpoint
@@ -39,7 +40,10 @@ from nnunetv2_dsm.trainers.stage2 import _TextCheckpoint
 from nnunetv2_dsm.trainers.unwrap import bare_network
 from nnunetv2_dsm.vocabulary import prompt_for
 
-DIFFUGTS_NETWORK = f"{DiffuGTSNetwork.__module__}.{DiffuGTSNetwork.__name__}"
+if TYPE_CHECKING:  # the network module imports diffusers, which nnU-Net's trainer lookup need not load
+    from nnunetv2_dsm.networks.diffugts import DiffuGTSNetwork
+
+DIFFUGTS_NETWORK = "nnunetv2_dsm.networks.diffugts.DiffuGTSNetwork"
 DIFFUGTS_DEFAULTS = {"ae_channels": [32, 64, 64], "unet_channels": [64, 128, 128], "latent_channels": 4,
                      "max_tokens": 8, "norm_groups": 8, "layers_per_block": 1, "attention_heads": 4,
                      "attention_timestep": 100, "noise_seed": 0}
@@ -107,7 +111,7 @@ class DiffuGTSTrainer(AtomicCheckpoint, _TextCheckpoint):
             self._net().set_class_pairs(self.class_pairs, [i in self.tumour_channels
                                                            for i in range(len(self.prompt_names))])
 
-    def _net(self) -> DiffuGTSNetwork:
+    def _net(self) -> "DiffuGTSNetwork":
         return bare_network(self)
 
     def text_record(self) -> dict:

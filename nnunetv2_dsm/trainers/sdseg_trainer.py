@@ -19,6 +19,8 @@ local diffusers ``AutoencoderKL`` folder (LDM/SD kl-f8 weights) to use instead o
 AdamW at constant learning rate after a short warm-up, as LDM trains.
 """
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -27,13 +29,15 @@ from torch import autocast
 
 from nnunetv2_dsm import settings
 from nnunetv2_dsm.errors import DSMError
-from nnunetv2_dsm.networks.sdseg import SDSegNetwork
 from nnunetv2_dsm.planners.sdseg_planner import SDSEG_NETWORK
 from nnunetv2_dsm.trainers.checkpointing import AtomicCheckpoint
 from nnunetv2_dsm.trainers.dsm_trainer import seed_from_environment
 from nnunetv2_dsm.trainers.optim import ConstantAfterWarmup
 from nnunetv2_dsm.trainers.schedules import NoMirroring, ShortSchedule
 from nnunetv2_dsm.trainers.unwrap import bare_network
+
+if TYPE_CHECKING:  # the network module imports diffusers, which nnU-Net's trainer lookup need not load
+    from nnunetv2_dsm.networks.sdseg import SDSegNetwork
 
 
 class SDSegPlansError(DSMError, RuntimeError):
@@ -102,7 +106,7 @@ class SDSegTrainer(AtomicCheckpoint):
             self._net().load_autoencoder(local)
             self.print_to_log_file(f"mask autoencoder from {local} (phase 1 skipped)")
 
-    def _net(self) -> SDSegNetwork:
+    def _net(self) -> "SDSegNetwork":
         return bare_network(self)
 
     def configure_optimizers(self):
