@@ -45,13 +45,16 @@ def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:
     colours = {"dsm": "tab:red", "nnunet": "tab:blue", "dsm_sgd": "tab:orange", "dsm_kmeans_void": "tab:purple",
                "dsm_static_queries": "tab:green", "dsm_no_ssm": "tab:brown", "dsm_bg_query": "tab:pink",
                "dsm_bg_query_update_drop": "tab:gray", "sdseg": "tab:olive", "sdseg_final_step": "tab:cyan",
-               "dsm_contrast_aug": "darkred", "nnunet_contrast_aug": "navy"}
+               "dsm_contrast_aug": "darkred", "nnunet_contrast_aug": "navy",
+               "dsm_contrast_aug_no_mirroring": "salmon", "nnunet_contrast_aug_no_mirroring": "cornflowerblue"}
     labels = {"dsm": "DSM stage 1", "nnunet": "nnU-Net (nnUNetTrainer)", "dsm_sgd": "DSM, SGD everywhere",
               "dsm_kmeans_void": "DSM, k-means void", "dsm_static_queries": "DSM, queries not updated per image",
               "dsm_no_ssm": "DSM without SSM", "dsm_bg_query": "DSM, background query",
               "dsm_bg_query_update_drop": "DSM, background query + update dropout",
               "sdseg": "SDSeg (from scratch)", "sdseg_final_step": "SDSeg, 1/4 of samples at t=T-1",
-              "dsm_contrast_aug": "DSM, contrast-phase aug.", "nnunet_contrast_aug": "nnU-Net, contrast-phase aug."}
+              "dsm_contrast_aug": "DSM, contrast-phase aug.", "nnunet_contrast_aug": "nnU-Net, contrast-phase aug.",
+              "dsm_contrast_aug_no_mirroring": "DSM, contrast-phase aug., no mirroring",
+              "nnunet_contrast_aug_no_mirroring": "nnU-Net, contrast-phase aug., no mirroring"}
     for name, epochs in curves.items():
         epochs = [e for e in epochs if e.get("phase") != "autoencoder"]  # SDSeg's reconstruction Dice
         iterations = [e["iterations"] for e in epochs]

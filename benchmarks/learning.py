@@ -62,6 +62,9 @@ MODELS = {
     # both with contrast-phase augmentation (patient A is non-contrast CT, patient B contrast-enhanced)
     "dsm_contrast_aug": ("DSMTrainer_Benchmark_contrastAug", "DSMPlansCPU"),
     "nnunet_contrast_aug": ("DSMBaselineTrainer_Benchmark_contrastAug", "ResEncPlansCPU"),
+    # ... and without mirroring, so that the side of the body (liver right, spleen left) is a cue
+    "dsm_contrast_aug_no_mirroring": ("DSMTrainer_Benchmark_contrastAug_noMirroring", "DSMPlansCPU"),
+    "nnunet_contrast_aug_no_mirroring": ("DSMBaselineTrainer_Benchmark_contrastAug_noMirroring", "ResEncPlansCPU"),
     # variants of DSM, measured against the same runs
     "dsm_sgd": ("DSMTrainer_Benchmark_SGD", "DSMPlansCPU"),
     "dsm_kmeans_void": ("DSMTrainer_Benchmark_kmeansVoid", "DSMPlansCPU"),
@@ -309,7 +312,8 @@ def main() -> None:
         "curves": curves,
         "config": {"configuration": args.configuration, "spacing_mm": args.spacing, "epochs": args.epochs,
                    "iterations_per_epoch": args.iterations, "classes": CLASSES, "threads": args.threads,
-                   "nnUNet_n_proc_DA": 0, "seed": args.seed, "mirroring": True,
+                   "nnUNet_n_proc_DA": 0, "seed": args.seed,
+                   "mirroring": {m: not m.endswith("_no_mirroring") for m in args.models},
                    "trainers": {k: MODELS[k] for k in args.models}},
         "command": " ".join(["python", *sys.argv]),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,

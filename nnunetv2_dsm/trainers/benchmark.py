@@ -26,6 +26,7 @@ from nnunetv2_dsm.trainers.baselines import StockBaselineTrainer
 from nnunetv2_dsm.trainers.contrast_augmentation import ContrastPhaseAugmentation
 from nnunetv2_dsm.trainers.diffugts_trainer import DiffuGTSTrainer
 from nnunetv2_dsm.trainers.dsm_trainer import DSMTrainer
+from nnunetv2_dsm.trainers.schedules import NoMirroring
 from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer, SDSegTrainer_finalStep
 from nnunetv2_dsm.trainers.stage2 import DSMTrainerStage2
 
@@ -77,6 +78,14 @@ class DSMTrainer_Benchmark_contrastAug(ContrastPhaseAugmentation, DSMTrainer_Ben
 
 class DSMBaselineTrainer_Benchmark_contrastAug(ContrastPhaseAugmentation, DSMBaselineTrainer_Benchmark):
     """Stock nnU-Net on the benchmark's budget with contrast-phase augmentation."""
+
+
+class DSMTrainer_Benchmark_contrastAug_noMirroring(NoMirroring, DSMTrainer_Benchmark_contrastAug):
+    """DSM with contrast-phase augmentation and no mirroring (training or test time): left and right stay apart."""
+
+
+class DSMBaselineTrainer_Benchmark_contrastAug_noMirroring(NoMirroring, DSMBaselineTrainer_Benchmark_contrastAug):
+    """Stock nnU-Net with contrast-phase augmentation and no mirroring (training or test time)."""
 
 
 class DSMTrainer_Demo(DSMTrainer_Benchmark):
