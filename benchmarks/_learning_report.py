@@ -11,7 +11,7 @@ import SimpleITK as sitk
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nnunetv2_dsm.evaluation.metrics import confusion  # noqa: E402
+from nnunetv2_dsm.evaluation.metrics import confusion, dice  # noqa: E402
 from nnunetv2_dsm.io import atomic  # noqa: E402
 from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer  # noqa: E402
 
@@ -25,11 +25,7 @@ def _read(path: Path) -> np.ndarray:
 
 def dice_per_class(prediction: Path, reference: Path, labels: dict[str, int]) -> dict[str, float]:
     pred, ref = _read(prediction), _read(reference)
-    out = {}
-    for name, label in labels.items():
-        p, r = pred == label, ref == label
-        denominator = p.sum() + r.sum()
-        out[name] = round(float(2 * (p & r).sum() / denominator), 4) if denominator else float("nan")
+    out = {name: round(dice(ref == label, pred == label).value, 4) for name, label in labels.items()}
     out["mean"] = round(float(np.nanmean([out[n] for n in labels])), 4)
     return out
 

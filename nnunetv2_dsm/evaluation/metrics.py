@@ -86,8 +86,8 @@ def confusion(reference: np.ndarray, prediction: np.ndarray, labels: dict[str, i
     ref, pred = np.asarray(reference), np.asarray(prediction)
     columns = {"background": 0, **{n: v for n, v in labels.items() if v != 0}}
     out = {}
-    for name, label in columns.items():
-        if name == "background":
+    for name, label in labels.items():
+        if label == 0:
             continue
         inside = pred[ref == label]
         if inside.size == 0:
