@@ -16,7 +16,8 @@ from nnunetv2_dsm.io import atomic  # noqa: E402
 from nnunetv2_dsm.trainers.sdseg_trainer import SDSegTrainer  # noqa: E402
 
 # per-model keys of the results file, each "<model><suffix>"
-MODEL_SUFFIXES = ("_heldout_dice", "_heldout_confusion", "_seed_to_seed_dice", "_patient_c_dice")
+MODEL_SUFFIXES = ("_heldout_dice", "_heldout_confusion", "_seed_to_seed_dice", "_patient_c_dice",
+                  "_training_patient_dice")
 
 
 def _read(path: Path) -> np.ndarray:
@@ -34,6 +35,19 @@ def confusion_of_classes(prediction: Path, reference: Path, labels: dict[str, in
     """Where each organ of ``reference`` went in ``prediction`` (fractions of its voxels, rounded)."""
     rows = confusion(_read(reference), _read(prediction), labels)
     return {organ: {k: round(v, 3) for k, v in row.items()} for organ, row in rows.items()}
+
+
+def pair_ratios(payload: dict) -> dict[str, float]:
+    """Mean held-out Dice of each DSM model over its nnU-Net twin (same augmentation), e.g.
+    ``ratio_dsm_contrast_aug_over_nnunet_contrast_aug_mean_dice``; plain DSM keeps ``ratio_dsm_over_nnunet_mean_dice``."""
+    out = {}
+    for key, scores in payload.items():
+        model = key[: -len("_heldout_dice")] if key.endswith("_heldout_dice") else None
+        twin = f"nnunet{model[3:]}" if model and model.startswith("dsm") else None
+        if twin and f"{twin}_heldout_dice" in payload:
+            out[f"ratio_{model}_over_{twin}_mean_dice"] = round(
+                scores["mean"] / max(payload[f"{twin}_heldout_dice"]["mean"], 1e-6), 4)
+    return out
 
 
 def plot(curves: dict, final: dict, out_png: Path, title: str) -> None:

@@ -39,6 +39,7 @@ from _learning_report import (
     dice_per_class,
     mark_autoencoder_epochs,
     merge_earlier,
+    pair_ratios,
     plot,
     replot,
 )
@@ -56,6 +57,7 @@ DATASET_ID = "990"
 DATASET = "Dataset990_TSExample"
 CLASSES = ["liver", "spleen", "stomach", "aorta", "pancreas"]
 HELD_OUT = "tsexample_B"
+TRAINING_PATIENT = "tsexample_A"
 MODELS = {
     "dsm": ("DSMTrainer_Benchmark", "DSMPlansCPU"),
     "nnunet": ("DSMBaselineTrainer_Benchmark", "ResEncPlansCPU"),
@@ -132,6 +134,21 @@ def predict_patient_c(name: str, work: Path, env: dict, log, configuration: str,
     return {"aorta": dice["aorta"], "predict_cpu_seconds": round(seconds, 1)}
 
 
+def predict_training_patient(name: str, work: Path, dataset: Path, env: dict, log, configuration: str,
+                             labels: dict[str, int]) -> dict:
+    """Predict training patient A with model ``name``: its Dice there, i.e. how well it fitted what it saw."""
+    inputs = work / "training_images"
+    inputs.mkdir(exist_ok=True)
+    link = inputs / f"{TRAINING_PATIENT}_0000.nii.gz"
+    if not link.exists():
+        link.symlink_to(dataset / "imagesTr" / f"{TRAINING_PATIENT}_0000.nii.gz")
+    out = work / f"prediction_{name}_training_patient"
+    seconds = predict(name, inputs, out, configuration, env, log)
+    dice = dice_per_class(out / f"{TRAINING_PATIENT}.nii.gz", dataset / "labelsTr" / f"{TRAINING_PATIENT}.nii.gz",
+                          labels)
+    return {**dice, "predict_cpu_seconds": round(seconds, 1)}
+
+
 def draw_overlays(models: list[str], work: Path, dataset: Path, labels: dict[str, int], out: Path) -> None:
     """Each model's prediction of held-out patient B beside B's reference, on the slice with most organ."""
     names = {label: name for name, label in labels.items()}
@@ -190,6 +207,13 @@ def main() -> None:
     parser.add_argument("--patient-c", action="store_true",
                         help="only predict test patient C (aorta only) with the --models already trained in WORK and "
                              "add their aorta Dice to --out")
+    parser.add_argument("--training-patient", action="store_true",
+                        help="only predict training patient A with the trained --models and add their Dice on it "
+                             "(<model>_training_patient_dice: how well each fitted the patient it saw) to --out")
+    parser.add_argument("--repredict", metavar="REASON",
+                        help="only predict held-out patient B again with the trained --models (e.g. after a change "
+                             "of inference), replacing their Dice and confusion in --out and keeping the previous "
+                             "Dice under 'repredicted' with REASON")
     parser.add_argument("--confusion", action="store_true",
                         help="only add to --out where each organ of patient B went in the --models' predictions "
                              "already in WORK (fractions of its voxels per predicted label)")
@@ -251,6 +275,32 @@ def main() -> None:
             payload[f"{name}_heldout_confusion"] = confusion_of_classes(
                 work / f"prediction_{name}" / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
             print(f"  {name}: {payload[f'{name}_heldout_confusion']}", flush=True)
+        atomic.write_json(args.out, payload, strict=False)
+        return
+    if args.repredict:
+        payload = json.loads(args.out.read_text())
+        for name in args.models:
+            out = work / f"prediction_{name}"
+            seconds = predict(name, inputs, out, args.configuration, env, log)
+            previous = payload.get(f"{name}_heldout_dice")
+            payload[f"{name}_heldout_dice"] = dice_per_class(out / f"{HELD_OUT}.nii.gz",
+                                                            dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
+            payload[f"{name}_heldout_confusion"] = confusion_of_classes(
+                out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
+            payload.setdefault("repredicted", {})[name] = {"reason": args.repredict, "previous_heldout_dice": previous,
+                                                           "predict_cpu_seconds": round(seconds, 1)}
+            print(f"  {name}: {previous} -> {payload[f'{name}_heldout_dice']}", flush=True)
+        payload = {k: v for k, v in payload.items() if not (k.startswith("ratio_") and k.endswith("_mean_dice"))}
+        payload.update(pair_ratios(payload))
+        atomic.write_json(args.out, payload, strict=False)
+        replot(args.out)
+        return
+    if args.training_patient:
+        payload = json.loads(args.out.read_text())
+        for name in args.models:
+            payload[f"{name}_training_patient_dice"] = predict_training_patient(name, work, dataset, env, log,
+                                                                                args.configuration, labels)
+            print(f"  {name}: Dice on training patient A {payload[f'{name}_training_patient_dice']}", flush=True)
         atomic.write_json(args.out, payload, strict=False)
         return
     if args.patient_c:
@@ -339,8 +389,7 @@ def main() -> None:
         payload[f"{name}_patient_c_dice"] = dice
     if args.merge and args.out.exists():
         merge_earlier(payload, json.loads(args.out.read_text()), args.models)
-    if {"dsm", "nnunet"} <= set(final):
-        payload["ratio_dsm_over_nnunet_mean_dice"] = round(final["dsm"]["mean"] / max(final["nnunet"]["mean"], 1e-6), 4)
+    payload.update(pair_ratios(payload))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(args.out, payload, strict=False)
     merged_final = {k[: -len("_heldout_dice")]: v for k, v in payload.items() if k.endswith("_heldout_dice")}

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from nnunetv2_dsm.errors import DSMError
+from nnunetv2_dsm.label_handling.overlap import most_probable_label
 from nnunetv2_dsm.vocabulary import CANONICAL, is_tumour
 
 ANOMALY = "anomaly"
@@ -80,7 +81,4 @@ def label_map(probabilities: Tensor, tumour: Sequence[bool]) -> Tensor:
     contains its tumours), then the more probable prompt.
     """
     # probabilities: (P, *S) -> (*S) uint8
-    rank = probabilities + 2.0 * torch.tensor(tumour, dtype=probabilities.dtype).view(-1, *[1] * (probabilities.ndim - 1))
-    rank = rank.masked_fill(probabilities <= 0.5, -1.0)
-    best = rank.max(dim=0)
-    return torch.where(best.values >= 0, best.indices + 1, 0).to(torch.uint8)
+    return most_probable_label(probabilities, [int(t) for t in tumour]).to(torch.uint8)

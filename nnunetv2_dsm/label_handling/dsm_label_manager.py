@@ -2,13 +2,17 @@
 
 DSM predicts one independent mask per query (MaskFormer-style mask classification), and organs
 contain their tumours, so every class is a region even in organ-only datasets where nnU-Net would
-otherwise choose softmax over disjoint labels.
+otherwise choose softmax over disjoint labels. Where classes overlap in the prediction, the voxel
+takes the nested class (a tumour inside its organ), then the more probable one
+(``overlap.most_probable_label``), not the class with the higher label id.
 """
 
+import numpy as np
 import torch
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunetv2_dsm.dataset import DSMDataset
+from nnunetv2_dsm.label_handling.overlap import most_probable_label, nesting_depth
 
 
 class DSMLabelManager(LabelManager):
@@ -33,6 +37,23 @@ class DSMLabelManager(LabelManager):
             # batchgeneratorsv2's region conversion expects python ints or tuples of them.
             self._regions = [tuple(int(i) for i in r) if isinstance(r, (list, tuple)) else (int(r),)
                              for r in self._regions]
+
+    def convert_probabilities_to_segmentation(self, predicted_probabilities: np.ndarray | torch.Tensor
+                                              ) -> np.ndarray | torch.Tensor:
+        """Label map from sigmoid probabilities: nested class first, then the most probable class above 0.5."""
+        # predicted_probabilities: (C, *S) -> (*S), uint16 (numpy) or int16 (torch) like nnU-Net's
+        if not self.has_regions or self._regions is None:
+            return super().convert_probabilities_to_segmentation(predicted_probabilities)
+        if predicted_probabilities.shape[0] != self.num_segmentation_heads:
+            raise ValueError(f"expected {self.num_segmentation_heads} probability channels (C, *spatial), got shape "
+                             f"{tuple(predicted_probabilities.shape)}")
+        as_numpy = isinstance(predicted_probabilities, np.ndarray)
+        probabilities = (torch.as_tensor(np.ascontiguousarray(predicted_probabilities)) if as_numpy
+                         else predicted_probabilities)
+        channel = most_probable_label(probabilities, nesting_depth(self._regions))
+        ids = torch.tensor([0, *self.regions_class_order], device=channel.device)
+        segmentation = ids[channel]
+        return segmentation.numpy().astype(np.uint16) if as_numpy else segmentation.to(torch.int16)
 
     @property
     def foreground_names(self) -> list[str]:
