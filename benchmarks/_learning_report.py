@@ -132,6 +132,8 @@ def merge_earlier(payload: dict, earlier: dict, models_now: list[str]) -> None:
         payload["earlier_runs"] = {**earlier.get("earlier_runs", {}),
                                    **{m: {"command": earlier.get("command"), "trainers": earlier.get("config", {}).get(
                                        "trainers", {}).get(m)} for m in kept if m not in earlier.get("earlier_runs", {})}}
-    for key in ("ratio_dsm_over_nnunet_mean_dice",):
-        if key in earlier and key not in payload:
-            payload[key] = earlier[key]
+    repredicted = {m: v for m, v in earlier.get("repredicted", {}).items() if m in kept}
+    if repredicted:
+        payload["repredicted"] = repredicted
+    if "runs_note" in earlier:
+        payload["runs_note"] = earlier["runs_note"]

@@ -69,6 +69,7 @@ MODELS = {
     "nnunet_contrast_aug_no_mirroring": ("DSMBaselineTrainer_Benchmark_contrastAug_noMirroring", "ResEncPlansCPU"),
     # variants of DSM, measured against the same runs
     "dsm_sgd": ("DSMTrainer_Benchmark_SGD", "DSMPlansCPU"),
+    "dsm_decoder_lr_1e3": ("DSMTrainer_Benchmark_decoderLR1e3", "DSMPlansCPU"),
     "dsm_kmeans_void": ("DSMTrainer_Benchmark_kmeansVoid", "DSMPlansCPU"),
     "dsm_static_queries": ("DSMTrainer_Benchmark_staticQueries", "DSMPlansCPU"),
     "dsm_no_ssm": ("DSMTrainer_Benchmark_noSSM", "DSMPlansCPU"),

@@ -112,6 +112,12 @@ class DSMTrainer_Benchmark_SGD(DSMTrainer_Benchmark):
         return nnUNetTrainer.configure_optimizers(self)
 
 
+class DSMTrainer_Benchmark_decoderLR1e3(DSMTrainer_Benchmark):
+    """The benchmark's DSM run with the query decoder's AdamW at lr 1e-3 (default 3e-4)."""
+
+    decoder_lr = 1e-3
+
+
 class DSMTrainer_Benchmark_staticQueries(DSMTrainer_Benchmark):
     """Diagnostic: the benchmark's DSM run with image-independent queries (no k-means update)."""
 
