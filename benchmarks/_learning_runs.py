@@ -78,6 +78,21 @@ def run_until(cmd: list[str], env: dict, log, learning_log: Path, epochs: int) -
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def input_folder(folder: Path, dataset: Path, case: str) -> Path:
+    """``folder`` holding a link to ``case``'s image of the raw dataset: the input of ``nnUNetv2_predict``."""
+    folder.mkdir(exist_ok=True)
+    link = folder / f"{case}_0000.nii.gz"
+    if not link.exists():
+        link.symlink_to(dataset / "imagesTr" / f"{case}_0000.nii.gz")
+    return folder
+
+
+def heldout_scores(prediction_folder: Path, dataset: Path, labels: dict[str, int]) -> tuple[dict, dict]:
+    """Dice per class and confusion of the prediction of held-out patient B in ``prediction_folder``."""
+    prediction, reference = prediction_folder / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz"
+    return dice_per_class(prediction, reference, labels), confusion_of_classes(prediction, reference, labels)
+
+
 def predict(name: str, inputs: Path, out: Path, configuration: str, env: dict, log) -> float:
     """``nnUNetv2_predict`` of every image in ``inputs`` with model ``name`` (fold 0); returns its CPU seconds."""
     trainer, plans = MODELS[name]
@@ -101,11 +116,7 @@ def predict_patient_c(name: str, work: Path, env: dict, log, configuration: str,
 def predict_training_patient(name: str, work: Path, dataset: Path, env: dict, log, configuration: str,
                              labels: dict[str, int]) -> dict:
     """Predict training patient A with model ``name``: its Dice there, i.e. how well it fitted what it saw."""
-    inputs = work / "training_images"
-    inputs.mkdir(exist_ok=True)
-    link = inputs / f"{TRAINING_PATIENT}_0000.nii.gz"
-    if not link.exists():
-        link.symlink_to(dataset / "imagesTr" / f"{TRAINING_PATIENT}_0000.nii.gz")
+    inputs = input_folder(work / "training_images", dataset, TRAINING_PATIENT)
     out = work / f"prediction_{name}_training_patient"
     seconds = predict(name, inputs, out, configuration, env, log)
     dice = dice_per_class(out / f"{TRAINING_PATIENT}.nii.gz", dataset / "labelsTr" / f"{TRAINING_PATIENT}.nii.gz",
@@ -125,47 +136,35 @@ def draw_overlays(models: list[str], work: Path, dataset: Path, labels: dict[str
 
 def extend_results(args, work: Path, dataset: Path, inputs: Path, labels: dict[str, int], env: dict, log) -> bool:
     """The modes that add to an existing results file from trained models (``--confusion``, ``--repredict``,
-    ``--training-patient``, ``--patient-c``); returns whether one ran."""
-    if args.confusion:
-        payload = json.loads(args.out.read_text())
-        for name in args.models:
-            payload[f"{name}_heldout_confusion"] = confusion_of_classes(
-                work / f"prediction_{name}" / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
+    ``--training-patient``, ``--patient-c``, the first one given); returns whether one ran."""
+    mode = next((m for m in ("confusion", "repredict", "training_patient", "patient_c") if getattr(args, m)), None)
+    if mode is None:
+        return False
+    payload = json.loads(args.out.read_text())
+    for name in args.models:
+        if mode == "confusion":
+            payload[f"{name}_heldout_confusion"] = heldout_scores(work / f"prediction_{name}", dataset, labels)[1]
             print(f"  {name}: {payload[f'{name}_heldout_confusion']}", flush=True)
-        atomic.write_json(args.out, payload, strict=False)
-        return True
-    if args.repredict:
-        payload = json.loads(args.out.read_text())
-        for name in args.models:
-            out = work / f"prediction_{name}"
-            seconds = predict(name, inputs, out, args.configuration, env, log)
+        elif mode == "repredict":
+            seconds = predict(name, inputs, work / f"prediction_{name}", args.configuration, env, log)
             previous = payload.get(f"{name}_heldout_dice")
-            payload[f"{name}_heldout_dice"] = dice_per_class(out / f"{HELD_OUT}.nii.gz",
-                                                            dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
-            payload[f"{name}_heldout_confusion"] = confusion_of_classes(
-                out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
+            payload[f"{name}_heldout_dice"], payload[f"{name}_heldout_confusion"] = heldout_scores(
+                work / f"prediction_{name}", dataset, labels)
             payload.setdefault("repredicted", {})[name] = {"reason": args.repredict, "previous_heldout_dice": previous,
                                                            "predict_cpu_seconds": round(seconds, 1)}
             print(f"  {name}: {previous} -> {payload[f'{name}_heldout_dice']}", flush=True)
-        payload = {k: v for k, v in payload.items() if not (k.startswith("ratio_") and k.endswith("_mean_dice"))}
-        payload.update(pair_ratios(payload))
-        atomic.write_json(args.out, payload, strict=False)
-        replot(args.out)
-        return True
-    if args.training_patient:
-        payload = json.loads(args.out.read_text())
-        for name in args.models:
+        elif mode == "training_patient":
             payload[f"{name}_training_patient_dice"] = predict_training_patient(name, work, dataset, env, log,
                                                                                 args.configuration, labels)
             print(f"  {name}: Dice on training patient A {payload[f'{name}_training_patient_dice']}", flush=True)
-        atomic.write_json(args.out, payload, strict=False)
-        return True
-    if args.patient_c:
-        payload = json.loads(args.out.read_text())
-        for name in args.models:
+        else:
             payload[f"{name}_patient_c_dice"] = predict_patient_c(name, work, env, log, args.configuration,
                                                                   labels["aorta"])
             print(f"  {name}: patient C aorta Dice {payload[f'{name}_patient_c_dice']['aorta']}", flush=True)
-        atomic.write_json(args.out, payload, strict=False)
-        return True
-    return False
+    if mode == "repredict":
+        payload = {k: v for k, v in payload.items() if not (k.startswith("ratio_") and k.endswith("_mean_dice"))}
+        payload.update(pair_ratios(payload))
+    atomic.write_json(args.out, payload, strict=False)
+    if mode == "repredict":
+        replot(args.out)
+    return True

@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from _learning_report import (
-    confusion_of_classes,
     dice_per_class,
     mark_autoencoder_epochs,
     merge_earlier,
@@ -52,6 +51,8 @@ from _learning_runs import (  # noqa: F401  (RESULTS and run are used by sdseg_s
     RESULTS,
     draw_overlays,
     extend_results,
+    heldout_scores,
+    input_folder,
     predict,
     predict_patient_c,
     run,
@@ -164,11 +165,7 @@ def main() -> None:
     splits = json.loads((pre / DATASET / "splits_final.json").read_text())
     assert splits[0]["val"] == [HELD_OUT] and HELD_OUT not in splits[0]["train"], splits[0]
 
-    inputs = work / "heldout_images"
-    inputs.mkdir(exist_ok=True)
-    link = inputs / f"{HELD_OUT}_0000.nii.gz"
-    if not link.exists():
-        link.symlink_to(dataset / "imagesTr" / f"{HELD_OUT}_0000.nii.gz")
+    inputs = input_folder(work / "heldout_images", dataset, HELD_OUT)
     labels = {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items()
               if k != "background"}
 
@@ -205,9 +202,7 @@ def main() -> None:
             continue
         out = work / f"prediction_{name}"
         predict_seconds[name] = predict(name, inputs, out, args.configuration, env, log)
-        final[name] = dice_per_class(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz", labels)
-        confusions[name] = confusion_of_classes(out / f"{HELD_OUT}.nii.gz", dataset / "labelsTr" / f"{HELD_OUT}.nii.gz",
-                                                labels)
+        final[name], confusions[name] = heldout_scores(out, dataset, labels)
         print(f"  {name}: held-out Dice {final[name]}", flush=True)
         patient_c[name] = predict_patient_c(name, work, env, log, args.configuration, labels["aorta"])
         if name.startswith("sdseg"):
